@@ -1,0 +1,360 @@
+"""Attribute vocabulary and caption composer for SYNTH-PEDES-style person descriptions (stdlib only).
+
+SYNTH-PEDES keeps six attributes per image as one comma string, in ATTRIBUTE_FIELDS order, where "unknown"
+means absent:  "man,black hair,black shirt,pink shorts,black shoes,unknown".
+compose_caption() turns such a string (any free-text values) into a varied caption: random template, field
+order, wording and omissions. The random draws only build a language-neutral *plan*; the plan is then rendered
+in English or Chinese, so the same rng state gives an English caption and its Chinese translation
+(compose_caption_pair). Chinese uses a word dictionary (colours, garments, hair, shoes, bags); words it does
+not know stay in English inside the Chinese sentence.
+
+    python3 captions.py "woman,long black hair,red coat,blue jeans,white sneakers,black handbag" --n 5
+    python3 captions.py "man,black hair,black shirt,pink shorts,black shoes,unknown" --n 3 --seed 1
+    # in code: captions.compose_caption(attrs, random.Random(0), "zh"); captions.compose_caption_pair(attrs, rng)
+"""
+import argparse
+import random
+
+ATTRIBUTE_FIELDS = ("gender", "hair", "upper", "lower", "shoes", "carried")
+ABSENT = {"", "unknown", "none", "nothing", "null", "n/a", "na", "no", "unk", "-", "?"}
+MALE = {"man", "male", "men", "boy", "gentleman", "guy", "gent"}
+FEMALE = {"woman", "female", "women", "girl", "lady"}
+WEAR_FIELDS = ("upper", "lower", "shoes")
+
+# English gender nouns by kind; "man"/"woman" repeated so they stay the most common word.
+EN_NOUNS = {"male": ["man", "man", "man", "gentleman", "boy", "guy"],
+            "female": ["woman", "woman", "woman", "lady", "girl"],
+            "unknown": ["person", "person", "pedestrian"]}
+EN_PRONOUN = {"male": ["he"], "female": ["she"], "unknown": ["this person", "the person", "the pedestrian"]}
+ZH_PRONOUN = {"male": ["他"], "female": ["她"], "unknown": ["此人", "这个人", "该行人"]}
+
+# kind: colour words are moved to the front in Chinese ("long black hair" -> 黑色长发); shade joins the next
+# colour (light blue -> 浅蓝色); hairmod turns a following "hair" into 发 (长发) instead of 头发; skip is dropped.
+ZH_VOCAB = {
+    # colours
+    "black": ("colour", "黑色"), "white": ("colour", "白色"), "gray": ("colour", "灰色"), "grey": ("colour", "灰色"),
+    "red": ("colour", "红色"), "blue": ("colour", "蓝色"), "green": ("colour", "绿色"), "yellow": ("colour", "黄色"),
+    "orange": ("colour", "橙色"), "pink": ("colour", "粉色"), "purple": ("colour", "紫色"), "brown": ("colour", "棕色"),
+    "khaki": ("colour", "卡其色"), "beige": ("colour", "米色"), "blonde": ("colour", "金色"), "blond": ("colour", "金色"),
+    "golden": ("colour", "金色"), "gold": ("colour", "金色"), "silver": ("colour", "银色"), "navy": ("colour", "藏青色"),
+    "violet": ("colour", "紫罗兰色"), "cyan": ("colour", "青色"), "tan": ("colour", "棕褐色"), "cream": ("colour", "奶油色"),
+    "colorful": ("colour", "彩色"), "colourful": ("colour", "彩色"), "multicolored": ("colour", "彩色"),
+    "dark": ("shade", "深"), "light": ("shade", "浅"), "bright": ("shade", "亮"),
+    # hair
+    "hair": ("noun", "头发"), "ponytail": ("noun", "马尾辫"), "bun": ("noun", "发髻"), "bald": ("noun", "光头"),
+    "braid": ("noun", "辫子"), "braids": ("noun", "辫子"), "long": ("hairmod", "长"), "short": ("hairmod", "短"),
+    "curly": ("hairmod", "卷"), "wavy": ("hairmod", "卷"), "straight": ("hairmod", "直"),
+    "medium": ("hairmod", "中长"), "shoulder-length": ("hairmod", "齐肩"),
+    # upper body
+    "t-shirt": ("noun", "T恤"), "tshirt": ("noun", "T恤"), "t shirt": ("noun", "T恤"), "tee": ("noun", "T恤"),
+    "shirt": ("noun", "衬衫"), "polo shirt": ("noun", "Polo衫"), "blouse": ("noun", "女式衬衫"),
+    "coat": ("noun", "外套"), "jacket": ("noun", "夹克"), "down jacket": ("noun", "羽绒服"), "dress": ("noun", "连衣裙"),
+    "sweater": ("noun", "毛衣"), "vest": ("noun", "背心"), "tank top": ("noun", "背心"), "hoodie": ("noun", "连帽衫"),
+    "top": ("noun", "上衣"), "suit": ("noun", "西装"), "uniform": ("noun", "制服"), "cardigan": ("noun", "开衫"),
+    "sweatshirt": ("noun", "卫衣"), "windbreaker": ("noun", "风衣"), "trench coat": ("noun", "风衣"),
+    "short-sleeved": ("mod", "短袖"), "short sleeve": ("mod", "短袖"), "short sleeves": ("mod", "短袖"),
+    "long-sleeved": ("mod", "长袖"), "long sleeve": ("mod", "长袖"), "long sleeves": ("mod", "长袖"),
+    "sleeveless": ("mod", "无袖"), "striped": ("mod", "条纹"), "stripes": ("noun", "条纹"), "plaid": ("mod", "格子"),
+    "checked": ("mod", "格子"), "checkered": ("mod", "格子"), "denim": ("mod", "牛仔"), "leather": ("mod", "皮"),
+    "floral": ("mod", "碎花"), "patterned": ("mod", "花纹"),
+    # lower body
+    "trousers": ("noun", "长裤"), "pants": ("noun", "裤子"), "jeans": ("noun", "牛仔裤"), "shorts": ("noun", "短裤"),
+    "skirt": ("noun", "裙子"), "leggings": ("noun", "打底裤"), "tights": ("noun", "连裤袜"),
+    # shoes
+    "shoes": ("noun", "鞋子"), "shoe": ("noun", "鞋子"), "sneakers": ("noun", "运动鞋"), "boots": ("noun", "靴子"),
+    "sandals": ("noun", "凉鞋"), "slippers": ("noun", "拖鞋"), "heels": ("noun", "高跟鞋"),
+    "high heels": ("noun", "高跟鞋"), "sports shoes": ("noun", "运动鞋"), "running shoes": ("noun", "跑鞋"),
+    "leather shoes": ("noun", "皮鞋"),
+    # carried
+    "backpack": ("noun", "双肩包"), "handbag": ("noun", "手提包"), "bag": ("noun", "包"), "purse": ("noun", "钱包"),
+    "shoulder bag": ("noun", "单肩包"), "umbrella": ("noun", "雨伞"), "suitcase": ("noun", "行李箱"),
+    "plastic bag": ("noun", "塑料袋"), "paper bag": ("noun", "纸袋"), "phone": ("noun", "手机"), "hat": ("noun", "帽子"),
+    "cap": ("noun", "帽子"), "glasses": ("noun", "眼镜"), "mask": ("noun", "口罩"),
+    # people
+    "man": ("noun", "男人"), "woman": ("noun", "女人"), "boy": ("noun", "男孩"), "girl": ("noun", "女孩"),
+    "lady": ("noun", "女士"), "gentleman": ("noun", "男士"), "guy": ("noun", "小伙子"), "person": ("noun", "人"),
+    "pedestrian": ("noun", "行人"), "child": ("noun", "孩子"), "kid": ("noun", "孩子"), "male": ("noun", "男性"),
+    "female": ("noun", "女性"),
+    # glue
+    "a": ("skip", ""), "an": ("skip", ""), "the": ("skip", ""), "pair of": ("skip", ""), "some": ("skip", ""),
+    "and": ("and", "和"),
+}
+ZH_NOUNS = {"man": ["男人", "男子", "男士"], "gentleman": ["男士", "先生"], "boy": ["男孩"], "guy": ["小伙子", "男子"],
+            "woman": ["女人", "女子", "女士"], "lady": ["女士"], "girl": ["女孩"], "person": ["人", "行人"],
+            "pedestrian": ["行人"]}
+PLURAL = {"hair", "jeans", "trousers", "pants", "shorts", "shoes", "sneakers", "boots", "sandals", "slippers",
+          "heels", "leggings", "tights", "glasses", "clothes", "clothing", "stripes", "braids", "overalls"}
+
+
+def _clean(v):
+    if v is None:
+        return None
+    v = " ".join(str(v).strip().lower().split()).strip(" .;")
+    return None if v in ABSENT else v
+
+
+def parse_attributes(s):
+    """SYNTH-PEDES attribute string (or list/dict) -> {field: value or None}. Extra fields join 'carried'."""
+    if isinstance(s, dict):
+        return {f: _clean(s.get(f)) for f in ATTRIBUTE_FIELDS}
+    if s is None:
+        parts = []
+    elif isinstance(s, (list, tuple)):
+        parts = [p for x in s for p in str(x).split(",")]
+    else:
+        parts = str(s).split(",")
+    parts = [_clean(p) for p in parts]
+    if len(parts) > len(ATTRIBUTE_FIELDS):  # real data sometimes lists several carried items
+        extra = [p for p in parts[5:] if p]
+        parts = parts[:5] + [" and ".join(extra) or None]
+    parts += [None] * (len(ATTRIBUTE_FIELDS) - len(parts))
+    return dict(zip(ATTRIBUTE_FIELDS, parts))
+
+
+def gender_kind(value):
+    words = set((value or "").replace("-", " ").split())
+    return "male" if words & MALE else "female" if words & FEMALE else "unknown"
+
+
+# ----------------------------------------------------------------------------- Chinese phrase translation
+
+def _join_zh(pieces):
+    """pieces: (text, is_english). Chinese has no spaces; keep one only beside an untranslated English word."""
+    out, prev_en = "", False
+    for text, is_en in pieces:
+        out += (" " if out and (is_en or prev_en) else "") + text
+        prev_en = is_en
+    return out
+
+
+def translate_phrase(phrase):
+    """English attribute phrase -> Chinese, word by word; unknown words stay English ("maroon coat" -> "maroon 外套")."""
+    words = []
+    for w in phrase.lower().replace(",", " ").split():  # "black-white" -> black white, but keep "t-shirt"
+        words += [w] if w in ZH_VOCAB or "-" not in w else [x for x in w.split("-") if x]
+    if "with" in words[1:-1]:  # "white shirt with black stripes" -> 带黑色条纹的白色衬衫
+        i = words.index("with")
+        return f"带{translate_phrase(' '.join(words[i + 1:]))}的{translate_phrase(' '.join(words[:i]))}"
+    tokens, i = [], 0
+    while i < len(words):
+        for n in (3, 2, 1):
+            key = " ".join(words[i:i + n])
+            if key in ZH_VOCAB:
+                tokens.append(ZH_VOCAB[key])
+                i += n
+                break
+        else:
+            tokens.append(("en", words[i]))
+            i += 1
+    colours, rest, shade, hairmod = [], [], "", False
+    for j, (kind, zh) in enumerate(tokens):
+        if kind == "shade" and j + 1 < len(tokens) and tokens[j + 1][0] == "colour":
+            shade = zh
+        elif kind == "colour":
+            colours.append((shade + zh.rstrip("色") + "色" if shade else zh, False))
+            shade = ""
+        elif zh == "头发" and hairmod:
+            rest.append(("发", False))  # 长 + 头发 -> 长发
+        elif kind not in ("skip", "and"):
+            rest.append((zh, kind == "en"))
+        hairmod |= kind == "hairmod"
+    if not any(k not in ("en", "skip", "and") for k, _ in tokens):
+        return phrase  # nothing known: the English phrase itself, inside the Chinese sentence
+    if colours:
+        rest.insert(0, ("和".join(c for c, _ in colours), False))
+    return _join_zh(rest)
+
+
+# ----------------------------------------------------------------------------- plan + rendering
+
+def _article(np_):
+    words = np_.split()
+    head = next((words[i - 1] for i, w in enumerate(words) if i and w in ("with", "of", "in")), words[-1])
+    if words[0] in ("a", "an", "the", "his", "her") or head in PLURAL or (
+            head.endswith("s") and not head.endswith("ss")):
+        return np_
+    vowel = np_[0] in "aeio" or (np_[0] == "u" and not np_.startswith(("uni", "use")))
+    return ("an " if vowel else "a ") + np_
+
+
+def _join_en(items, oxford):
+    if len(items) == 1:
+        return items[0]
+    return ", ".join(items[:-1]) + ("," if oxford and len(items) > 2 else "") + " and " + items[-1]
+
+
+def _join_zh_list(items):
+    return items[0] if len(items) == 1 else "、".join(items[:-1]) + "和" + items[-1]
+
+
+def _plan(attributes, rng, omit_prob=0.2):
+    """All random choices of one caption, language-neutral. Consumes the rng identically for any language."""
+    a = parse_attributes(attributes)
+    kind = gender_kind(a["gender"])
+    present = [f for f in ATTRIBUTE_FIELDS[1:] if a[f]]
+    kept = [f for f in present if rng.random() >= omit_prob]
+    if present and not kept:  # never omit everything
+        kept = [rng.choice(present)]
+    noun = rng.choice(EN_NOUNS[kind]) if kind != "unknown" or not a["gender"] else a["gender"]
+    if kind != "unknown" and kept and rng.random() < 0.1:  # drop the gender too, now and then
+        kind, noun = "unknown", rng.choice(EN_NOUNS["unknown"])
+    wear = [f for f in WEAR_FIELDS if f in kept]
+    rng.shuffle(wear)
+    groups = [("hair", ["hair"])] if "hair" in kept else []
+    if len(wear) > 1 and rng.random() < 0.35:  # split clothing over two clauses
+        cut = rng.randrange(1, len(wear))
+        groups += [("wear", wear[:cut]), ("wear", wear[cut:])]
+    elif wear:
+        groups.append(("wear", wear))
+    if "carried" in kept:
+        groups.append(("carry", ["carried"]))
+    rng.shuffle(groups)
+    return {"a": a, "kind": kind, "noun": noun, "groups": groups, "template": rng.randrange(4),
+            "v": [rng.randrange(1 << 20) for _ in range(len(groups) + 4)]}
+
+
+def _pick(options, v):
+    return options[v % len(options)]
+
+
+def _carry_verbs_en(item):
+    if "umbrella" in item:
+        return ["holding", "carrying"]
+    if "backpack" in item:
+        return ["carrying", "wearing", "with"]
+    return ["carrying", "holding", "with"]
+
+
+def _carry_verb_zh(item, v):
+    if "umbrella" in item:
+        return _pick(["拿着", "打着", "撑着"], v)
+    if "backpack" in item:
+        return _pick(["背着", "背着", "带着"], v)
+    if "handbag" in item or "bag" in item:
+        return _pick(["提着", "拎着", "拿着"], v)
+    return _pick(["带着", "拿着"], v)
+
+
+def _clause_en(group, a, v, finite, first_wear=True):
+    """One clause. finite=False: participle form after a noun ('with X', 'wearing X'); True: after a subject."""
+    kind, fields = group
+    if kind == "hair":
+        hair = a["hair"]
+        if hair == "bald" or hair.startswith("bald "):
+            return _pick(["is bald", "has a bald head"], v) if finite else _pick(["with a bald head", "who is bald"], v)
+        np_ = _article(hair)
+        return ("has " if finite else "with ") + np_
+    if kind == "wear":
+        items = [_article(a[f]) for f in fields]
+        shoes_only = fields == ["shoes"]  # "dressed in black shoes" reads oddly
+        if not first_wear:
+            verb = _pick(["is also wearing", "also wears"] if finite else ["also wearing", "and"], v)
+        elif finite:
+            verb = _pick(["is wearing", "wears"] + ([] if shoes_only else ["is dressed in"]), v)
+        else:
+            verb = _pick(["wearing", "in"] + ([] if shoes_only else ["dressed in"]), v)
+        return f"{verb} {_join_en(items, v % 3 == 0)}"
+    item = a["carried"]
+    verb = _pick(_carry_verbs_en(item), v)
+    if finite:
+        verb = {"carrying": "is carrying", "holding": "is holding", "wearing": "has", "with": "carries"}[verb]
+    return f"{verb} {_article(item)}"
+
+
+def _clause_zh(group, a, v, first_wear=True):
+    kind, fields = group
+    if kind == "hair":
+        hair = a["hair"]
+        if hair == "bald" or hair.startswith("bald "):
+            return _pick(["剃着光头", "是光头"], v)
+        return _pick(["留着", "有着", "留着"], v) + translate_phrase(hair)
+    if kind == "wear":
+        verb = _pick(["穿着", "身穿", "穿着"], v) if first_wear else _pick(["还穿着", "也穿着"], v)
+        return verb + _join_zh_list([translate_phrase(a[f]) for f in fields])
+    return _carry_verb_zh(a["carried"], v) + translate_phrase(a["carried"])
+
+
+def _first_wear(groups):
+    """Per group: False for the second clothing clause ('is also wearing' / 还穿着)."""
+    kinds = [g[0] for g in groups]
+    return [k != "wear" or kinds.index("wear") == i for i, k in enumerate(kinds)]
+
+
+def _cap(s):
+    return s[:1].upper() + s[1:]
+
+
+def _render_en(p):
+    a, kind, noun, groups, v, t = p["a"], p["kind"], p["noun"], p["groups"], p["v"], p["template"]
+    if not groups:
+        return _cap(f"{_article(noun)}.")
+    if t == 0:  # "A man with black hair, wearing a red shirt and blue jeans, carrying a bag."
+        head = _pick([_article(noun), noun, "the " + noun], v[-1])
+        firsts = _first_wear(groups)
+        return _cap(head + " " + ", ".join(_clause_en(g, a, v[i], False, f) for i, (g, f) in
+                                          enumerate(zip(groups, firsts))) + ".")
+    pron = [_pick(EN_PRONOUN[kind], x) for x in v]  # varied only for "this person"/"the pedestrian"
+    subject = _pick(["the " + noun, "this " + noun], v[-1]) if t in (1, 2) else pron[-1]
+    clauses = [_clause_en(g, a, v[i], True, f) for i, (g, f) in enumerate(zip(groups, _first_wear(groups)))]
+    if t in (1, 3):  # one sentence per clause: "This woman has long hair. She is wearing ..."
+        subs = [subject] + pron[1:len(clauses)]
+        return " ".join(_cap(f"{s} {c}.") for s, c in zip(subs, clauses))
+    return _cap(f"{subject} {_join_en(clauses, v[-2] % 2 == 0)}.")  # "The person is wearing X, has Y and ..."
+
+
+def _render_zh(p):
+    a, kind, noun, groups, v, t = p["a"], p["kind"], p["noun"], p["groups"], p["v"], p["template"]
+    noun_zh = _pick(ZH_NOUNS[noun], v[-3]) if noun in ZH_NOUNS else translate_phrase(noun)
+    pron = [_pick(ZH_PRONOUN[kind], x) for x in v]
+    if not groups:
+        return f"一个{noun_zh}。"
+    clauses = [_clause_zh(g, a, v[i], f) for i, (g, f) in enumerate(zip(groups, _first_wear(groups)))]
+    if t == 0:  # 一个留着黑色短发、穿着红色外套的男人，背着黑色双肩包。
+        head = _pick(["一个", "", "这个"], v[-1])
+        if len(clauses) > 2 and v[-2] % 2:
+            return f"{head}{'、'.join(clauses[:-1])}的{noun_zh}，{clauses[-1]}。"
+        return f"{head}{'、'.join(clauses)}的{noun_zh}。"
+    subject = _pick(["这个", "这位", "这名"], v[-3]) + noun_zh if t in (1, 2) else pron[-1]
+    if t in (1, 3):
+        subs = [subject] + pron[1:len(clauses)]
+        return "".join(f"{s}{c}。" for s, c in zip(subs, clauses))
+    return f"{subject}{'，'.join(clauses)}。"
+
+
+def compose_caption_pair(attributes, rng):
+    """(English caption, its Chinese translation) from one set of random choices."""
+    p = _plan(attributes, rng)
+    return _render_en(p), _render_zh(p)
+
+
+def compose_caption(attributes, rng, lang="en"):
+    """A varied caption of an attribute string/dict. Same rng state -> the same content in either language."""
+    if lang not in ("en", "zh"):
+        raise ValueError(f"lang must be 'en' or 'zh', not {lang!r}")
+    p = _plan(attributes, rng)
+    return _render_en(p) if lang == "en" else _render_zh(p)
+
+
+def prompt_caption(attributes, lang="en"):
+    """The fixed-template caption (SYNTH-PEDES 'prompt_caption'): every known field, canonical order and wording."""
+    a = parse_attributes(attributes)
+    kind = gender_kind(a["gender"])
+    noun = EN_NOUNS[kind][0] if kind != "unknown" or not a["gender"] else a["gender"]
+    groups = ([("hair", ["hair"])] if a["hair"] else []) + \
+        ([("wear", [f for f in WEAR_FIELDS if a[f]])] if any(a[f] for f in WEAR_FIELDS) else []) + \
+        ([("carry", ["carried"])] if a["carried"] else [])
+    p = {"a": a, "kind": kind, "noun": noun, "groups": groups, "template": 0, "v": [0] * (len(groups) + 4)}
+    return _render_en(p) if lang == "en" else _render_zh(p)
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description="print varied captions of a SYNTH-PEDES attribute string")
+    ap.add_argument("attributes")
+    ap.add_argument("--n", type=int, default=5)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    r = random.Random(args.seed)
+    print("prompt:", prompt_caption(args.attributes), "|", prompt_caption(args.attributes, "zh"))
+    for _ in range(args.n):
+        en, zh = compose_caption_pair(args.attributes, r)
+        print(en, "|", zh)

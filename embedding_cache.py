@@ -1,0 +1,284 @@
+"""The teacher embedding cache (DESIGN §3): the only module that reads or writes it.
+
+Layout of an --embedding_path directory:
+  manifest.json              teacher, kind, dim, dataset sha256, row counts, preprocessing, format version
+  <field>.npy                float16 [N, D], L2-normalised, row order = dataset order (np.lib.format.open_memmap)
+  <field>.done.npy           bool [N]: rows that hold a teacher embedding (resume + `has_embedding` in training)
+  <field>.done.rank<r>.npy   per-rank done masks of a torchrun extraction, folded into <field>.done.npy at its end
+for the fields image, caption, attributes, prompt_caption.
+
+It is written by tools/extract_label.py and read (memory-mapped) by training and evaluation:
+  python tools/extract_label.py --data SYNTH-PEDES/synthpedes-dataset.json --embedding_path embeddings
+  python embedding_cache.py embeddings [--data SYNTH-PEDES/synthpedes-dataset.json]   # print what a cache holds
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+FORMAT_VERSION = 1
+FIELDS = ("image", "caption", "attributes", "prompt_caption")
+DTYPE = "float16"
+# what must agree for a cache to be resumed into (the dataset path may move, the bytes may not)
+MATCH_KEYS = ("format_version", "teacher", "teacher_kind", "dim", "dtype", "normalized", "multilingual",
+              "dataset_sha256", "counts", "preprocessing")
+
+
+class CacheMismatchError(ValueError):
+    """A cache that belongs to another dataset/teacher, or is damaged; the message is one line."""
+
+
+def _atomic_save(path, arr):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.save(f, arr)
+    os.replace(tmp, path)  # a reader (or a kill -9) sees the old mask or the new one, never half of one
+
+
+def _atomic_json(path, obj):
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def _short(v):
+    s = json.dumps(v, ensure_ascii=False, sort_keys=True) if not isinstance(v, str) else v
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+def mismatch(old, new, keys=MATCH_KEYS):
+    """First key (of `keys` present in `new`) on which two manifests differ -> (key, old, new), else None."""
+    for k in keys:
+        if k in new and old.get(k) != new[k]:
+            return k, old.get(k), new[k]
+    return None
+
+
+def read_manifest(path):
+    """manifest.json of a cache directory, or None when there is none."""
+    mpath = os.path.join(path, "manifest.json")
+    if not os.path.isfile(mpath):
+        return None
+    try:
+        with open(mpath, encoding="utf-8") as f:
+            m = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CacheMismatchError(f"{path}: unreadable manifest.json ({type(e).__name__}: {e})") from None
+    if not isinstance(m, dict) or m.get("format_version") != FORMAT_VERSION:
+        raise CacheMismatchError(f"{path}: manifest format_version {m.get('format_version') if isinstance(m, dict) else None}"
+                                 f" is not {FORMAT_VERSION}; re-extract it with tools/extract_label.py")
+    return m
+
+
+def verify(path, expected):
+    """Refuse (CacheMismatchError) an existing cache whose manifest disagrees with `expected` on any MATCH_KEYS
+    it names. No cache at `path` passes. Lets extract_label fail fast, before loading a big teacher."""
+    m = read_manifest(path)
+    if m is None:
+        return
+    bad = mismatch(m, expected)
+    if bad:
+        k, old, new = bad
+        raise CacheMismatchError(f"{path}: cache was built for {k} {_short(old)}, not {_short(new)} "
+                                 f"(use another --embedding_path or delete it)")
+
+
+class EmbeddingCache:
+    """Memory-mapped view of a cache directory. Pickles without its memmaps (DataLoader workers reopen lazily).
+
+    mode "r": read-only. mode "r+": writer; `shard` = the torchrun rank whose done-mask file it writes
+    (None = the main <field>.done.npy). Readers see the union of the main mask and any rank shards left behind.
+    """
+
+    def __init__(self, path, manifest, mode="r", shard=None):
+        self.path, self.manifest, self.mode, self.shard = str(path), manifest, mode, shard
+        self._arrays, self._done = {}, {}
+
+    # -- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path, manifest, counts, dim, shard=None):
+        """New cache at `path` (zero rows, nothing done), or the existing one re-opened for resume when its
+        manifest matches; CacheMismatchError otherwise. `manifest` holds the teacher/dataset keys (see README)."""
+        counts = {f: int(counts.get(f, 0)) for f in FIELDS}
+        m = dict(manifest, format_version=FORMAT_VERSION, dim=int(dim), dtype=DTYPE, normalized=True, counts=counts)
+        verify(path, m)
+        if read_manifest(path) is not None:
+            return cls.open(path, mode="r+", shard=shard)
+        os.makedirs(path, exist_ok=True)
+        for f in FIELDS:
+            fpath = os.path.join(path, f"{f}.npy")
+            tmp = f"{fpath}.tmp{os.getpid()}.npy"
+            # sparse file: creating a multi-GB cache costs nothing until rows are written
+            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(counts[f], int(dim)))
+            del arr
+            os.replace(tmp, fpath)
+            _atomic_save(os.path.join(path, f"{f}.done.npy"), np.zeros(counts[f], dtype=bool))
+            for s in cls._shard_files(path, f):  # leftovers of an older cache in this folder
+                os.remove(s)
+        _atomic_json(os.path.join(path, "manifest.json"), m)  # written last: a manifest means the files exist
+        return cls.open(path, mode="r+", shard=shard)
+
+    @classmethod
+    def open(cls, path, data_json=None, counts=None, mode="r", shard=None):
+        """Open a cache. With `data_json` (and/or `counts` {field: rows}) refuse one built for other data."""
+        path = str(path)
+        m = read_manifest(path)
+        if m is None:
+            raise CacheMismatchError(f"{path}: no teacher cache here (no manifest.json); "
+                                     f"build it with tools/extract_label.py")
+        if data_json is not None:
+            from data import dataset_hash
+            try:
+                h = dataset_hash(data_json)
+            except OSError as e:
+                raise CacheMismatchError(f"{data_json}: cannot read ({e})") from None
+            if h != m.get("dataset_sha256"):
+                raise CacheMismatchError(f"{path}: cache was built for {m.get('dataset')} "
+                                         f"(sha256 {str(m.get('dataset_sha256'))[:12]}), not {data_json} "
+                                         f"(sha256 {h[:12]}); re-run tools/extract_label.py")
+        if counts is not None:
+            for f, n in counts.items():
+                if m["counts"].get(f) != int(n):
+                    raise CacheMismatchError(f"{path}: cache was built for {m['counts'].get(f)} {f} rows, not {n}; "
+                                             f"re-run tools/extract_label.py")
+        cache = cls(path, m, mode, shard)
+        for f in FIELDS:  # a damaged cache fails here with one line, not later inside a worker
+            a = cache.array(f)
+            if a.shape != (m["counts"][f], m["dim"]) or a.dtype != np.float16:
+                raise CacheMismatchError(f"{path}: {f}.npy is {a.dtype}{list(a.shape)}, the manifest says "
+                                         f"float16[{m['counts'][f]}, {m['dim']}]; re-run tools/extract_label.py")
+        return cache
+
+    @staticmethod
+    def _shard_files(path, field):
+        pre = f"{field}.done.rank"
+        return sorted(os.path.join(path, n) for n in os.listdir(path) if n.startswith(pre) and n.endswith(".npy"))
+
+    # -- reading --------------------------------------------------------------------------------------------------
+    @property
+    def dim(self):
+        return int(self.manifest["dim"])
+
+    @property
+    def fields(self):
+        return FIELDS
+
+    @property
+    def logit_scale(self):
+        return self.manifest.get("logit_scale")
+
+    @property
+    def logit_bias(self):
+        return self.manifest.get("logit_bias")
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_arrays"], state["_done"] = {}, {}  # a memmap would pickle as a full in-memory copy
+        return state
+
+    def array(self, field):
+        """float16 [N, D] memmap of one field (rows that are not done are zeros)."""
+        if field not in FIELDS:
+            raise KeyError(f"unknown cache field {field!r}; fields are {FIELDS}")
+        if field not in self._arrays:
+            try:
+                self._arrays[field] = np.load(os.path.join(self.path, f"{field}.npy"), mmap_mode=self.mode,
+                                              allow_pickle=False)
+            except (OSError, ValueError) as e:
+                raise CacheMismatchError(f"{self.path}: cannot open {field}.npy ({e})") from None
+        return self._arrays[field]
+
+    def _read_done(self, field):
+        n = self.manifest["counts"][field]
+        done = np.zeros(n, dtype=bool)
+        for p in [os.path.join(self.path, f"{field}.done.npy")] + self._shard_files(self.path, field):
+            try:
+                d = np.load(p, allow_pickle=False)
+            except FileNotFoundError:
+                continue  # a shard folded in and removed by rank 0 while we listed them
+            except (OSError, ValueError) as e:
+                raise CacheMismatchError(f"{self.path}: cannot read {os.path.basename(p)} ({e})") from None
+            if d.shape != (n,) or d.dtype != bool:
+                raise CacheMismatchError(f"{self.path}: {os.path.basename(p)} is {d.dtype}{list(d.shape)}, "
+                                         f"expected bool[{n}]")
+            done |= d
+        return done
+
+    def done(self, field):
+        """bool [N]: rows of `field` that hold a teacher embedding."""
+        if field not in FIELDS:
+            raise KeyError(f"unknown cache field {field!r}; fields are {FIELDS}")
+        if field not in self._done:
+            self._done[field] = self._read_done(field)
+        return self._done[field]
+
+    # -- writing --------------------------------------------------------------------------------------------------
+    def _done_path(self, field):
+        name = f"{field}.done.npy" if self.shard is None else f"{field}.done.rank{self.shard}.npy"
+        return os.path.join(self.path, name)
+
+    def write(self, field, rows, emb):
+        """Store embeddings of `rows`: L2-normalise, write, flush to disk, then mark them done (atomically), so an
+        interruption never leaves a row marked done without its data."""
+        if self.mode != "r+":
+            raise PermissionError(f"{self.path}: cache opened read-only")
+        rows = np.asarray(rows, dtype=np.int64)
+        emb = np.asarray(emb, dtype=np.float32)
+        if emb.shape != (len(rows), self.dim):
+            raise ValueError(f"{field}: got embeddings {list(emb.shape)} for {len(rows)} rows of dim {self.dim}")
+        if len(rows) == 0:
+            return
+        norm = np.linalg.norm(emb, axis=1, keepdims=True)
+        if not np.all(np.isfinite(norm)) or np.any(norm == 0):
+            raise ValueError(f"{field}: teacher returned a zero or non-finite embedding")
+        arr = self.array(field)
+        arr[rows] = (emb / norm).astype(np.float16)
+        arr.flush()
+        done = self.done(field)
+        done[rows] = True
+        _atomic_save(self._done_path(field), done)
+
+    def merge_done(self):
+        """Fold the per-rank done masks into <field>.done.npy and remove them (rank 0, after all ranks finished).
+        Safe to interrupt: the main mask is replaced before any shard goes, and shards are subsets of it."""
+        for f in FIELDS:
+            shards = self._shard_files(self.path, f)
+            if not shards:
+                continue
+            done = self._read_done(f)
+            _atomic_save(os.path.join(self.path, f"{f}.done.npy"), done)
+            for s in shards:
+                os.remove(s)
+            self._done[f] = done
+
+
+def summary(cache, eligible=None):
+    """`cache: DIR  image 800/800  caption 2400/2400 ...  dim 384 float16` (eligible rows per field, default N)."""
+    parts = []
+    for f in FIELDS:
+        n = cache.manifest["counts"][f] if eligible is None else eligible[f]
+        parts.append(f"{f} {int(cache.done(f).sum())}/{n}")
+    return f"cache: {cache.path}  " + "  ".join(parts) + f"  dim {cache.dim} {DTYPE}"
+
+
+def main():
+    p = argparse.ArgumentParser("print what a teacher cache holds")
+    p.add_argument("path")
+    p.add_argument("--data", default=None, help="also check that the cache was built for this dataset JSON")
+    args = p.parse_args()
+    try:
+        cache = EmbeddingCache.open(args.path, data_json=args.data)
+    except CacheMismatchError as e:
+        sys.exit(f"error: {e}")
+    m = cache.manifest
+    print(f"teacher {m['teacher']} ({m['teacher_kind']}, multilingual {m['multilingual']}), "
+          f"dataset {m['dataset']} sha256 {m['dataset_sha256'][:12]}")
+    print(summary(cache))
+
+
+if __name__ == "__main__":
+    main()

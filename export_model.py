@@ -1,0 +1,775 @@
+"""Export a trained student checkpoint to ONNX for search/ (DESIGN.md §8, docs/INTERFACES.md "Export").
+
+    python export_model.py logs/expModel-mobile_small-224x112-512/1/last.pt logs/expModel-mobile_small-224x112-512/1/
+    python export_model.py <checkpoint> <output_dir> --fp16 --int8          # also *.fp16.onnx and *.int8.onnx
+    python export_model.py <checkpoint> <output_dir> --no_simplify --opset 17 --batch_check 4 --atol 1e-4
+
+Writes into <output_dir>:
+    model_image.onnx         input `image` float32 [B,3,H,W] (dynamic B)          -> `embedding` [B,D] unit norm
+                             (not written for a --text_only checkpoint; model_info.json says null)
+    model_text.onnx          inputs `text_embeds` float32 [B,L,E], `text_mask` float32 [B,L] (1 = char, 0 = pad;
+                             dynamic B and L)                                     -> `embedding` [B,D] unit norm
+    input_embeddings.pt.npy  float32 [V,E]: the text tower's character table, looked up OUTSIDE the graph by
+                             search/charmap.py (NPU runtimes often lack Embedding/Gather)
+    model_info.json          image size, mean/std, max_seq_length, charmap version, dims, teacher space, files
+
+What it does, in order:
+  1. Rebuilds the model from the checkpoint alone (model.build_model(ckpt["model_cfg"]), strict state_dict),
+     eval mode; refuses anything that is not a student checkpoint (exit 2, one line).
+  2. Folds re-parameterisable branches / BatchNorm (backbone.reparameterize_model) and checks the folded
+     PyTorch model against the unfolded one.
+  3. Exports each tower with the TorchScript exporter (`torch.onnx.export(..., dynamo=False)`): on these
+     graphs it is ~40x faster than the dynamo exporter, honours opset 17 (dynamo in torch 2.14 emits >= 18 and
+     fails to down-convert), and gives a single self-contained file with dynamic B/L via `dynamic_axes`. The
+     dynamo exporter (`dynamic_shapes`) is the automatic fallback if the TorchScript one fails or is gone
+     (`--exporter dynamo` forces it).
+  4. Simplifies with onnxsim and onnxslim and keeps the graph with fewer nodes (either one is the other's
+     fallback; --simplifier picks one, --no_simplify skips), then checks the graph contract: names, dtypes,
+     dynamic axes, and no Gather reading a graph input (data or indices) in the text graph.
+  5. Verifies ONNX Runtime against PyTorch on real inputs: a few dataset images (args["data"] of the checkpoint;
+     deterministic synthetic images when it is gone) at batch 1 and --batch_check, and mixed English/Chinese/
+     emoji/never-seen-character captions through search.charmap.encode_batch + numpy lookup into the exported
+     table (exactly what search/ does) against PyTorch encode_text(ids, mask), at L = max_seq_length and at a
+     shorter L. Fails (exit 1) when min cosine < 0.9999 or max |diff| > --atol.
+  6. Only then writes the files (each atomically: tmp + os.replace; model_info.json last, so a folder with a
+     model_info.json always holds a complete, verified export) and prints `export to "<path>" OK.` with the
+     op-count table (Original vs Simplified Model, Model Size).
+--fp16: onnxruntime's float16 converter, graph I/O kept float32, the final L2-normalisation kept float32 (its
+sum of squares can overflow fp16); --int8: onnxruntime.quantization.quantize_dynamic (int8 weights, per
+channel; activations quantised at run time). Each variant is verified against PyTorch with a looser cosine
+bound (--fp16_min_cos, --int8_min_cos); a variant that misses it is not written and the exit code is 1.
+"""
+import argparse
+import contextlib
+import copy
+import io
+import json
+import logging
+import os
+import sys
+import tempfile
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+IMAGE_FILE, TEXT_FILE = "model_image.onnx", "model_text.onnx"
+TABLE_FILE, INFO_FILE = "input_embeddings.pt.npy", "model_info.json"
+FORMAT_VERSION = 1
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Verification captions: English, Chinese, mixed, emoji, rare CJK (extension B), scripts no caption dataset has
+# (so their rows were never trained), control/zero-width characters, an empty text, and one longer than
+# max_seq_length (exercises truncation).
+CHECK_TEXTS = [
+    "a man wearing a black shirt, blue jeans and white shoes, carrying a backpack",
+    "一个穿着红色外套和黑色裤子的女人，背着一个包",
+    "woman in a pink dress 👗 with long black hair 长发 and sandals",
+    "𠀋𠀍𪚥 ꙮ Ωμέγα ∑∫ ☃︎ 🧑‍🚀🏳️‍🌈 ᚠᛇᚻ ꦲꦏ ⵣ",
+    "",
+    "\tA  GIRL\u200b IN A ＹＥＬＬＯＷ\u3000coat\n",
+    "он одет в серую куртку; 그는 회색 재킷을 입고 있다; هو يرتدي سترة رمادية",
+    "the person is wearing " + "a very long description, " * 12 + "the end",
+]
+
+
+class ExportFailure(Exception):
+    """Stops the export with one line on stderr and an exit code (1 = verification, 2 = unusable input)."""
+
+    def __init__(self, msg, code=1):
+        super().__init__(msg)
+        self.code = code
+
+
+def get_args_parser(add_help=False):
+    p = argparse.ArgumentParser("Export a student checkpoint to ONNX for search/", add_help=add_help)
+    p.add_argument("checkpoint", help="a .pt written by main.py (needs 'model' and 'model_cfg')")
+    p.add_argument("output_dir", help="folder for model_image.onnx, model_text.onnx, input_embeddings.pt.npy, "
+                                      "model_info.json (created if needed)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (the dynamo fallback needs >= 18)")
+    p.add_argument("--exporter", choices=["auto", "torchscript", "dynamo"], default="auto",
+                   help="auto = TorchScript exporter, dynamo if that fails")
+    p.add_argument("--fp16", action="store_true", help="also write model_*.fp16.onnx (float32 I/O)")
+    p.add_argument("--int8", action="store_true", help="also write model_*.int8.onnx (dynamic quantisation)")
+    p.add_argument("--no_simplify", action="store_true", help="skip onnxsim/onnxslim")
+    p.add_argument("--simplifier", choices=["auto", "onnxsim", "onnxslim"], default="auto",
+                   help="auto = run both, keep the graph with fewer nodes (the other is the fallback if one fails)")
+    p.add_argument("--batch_check", type=int, default=4, help="batch size of the second verification batch")
+    p.add_argument("--atol", type=float, default=1e-4, help="max |ORT - PyTorch| allowed on fp32 embeddings")
+    p.add_argument("--min_cos", type=float, default=0.9999, help="min cosine(ORT, PyTorch) for fp32 graphs")
+    p.add_argument("--fp16_min_cos", type=float, default=0.999, help="min cosine for the fp16 variants")
+    p.add_argument("--int8_min_cos", type=float, default=0.98, help="min cosine for the int8 variants")
+    return p
+
+
+# ------------------------------------------------------------------------------------------------ small utils
+def _first_line(e, n=200):
+    s = str(e).strip().splitlines()
+    return (s[0] if s else type(e).__name__)[:n]
+
+
+def _atomic_write(path, data: bytes):
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _npy_bytes(arr):
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _mib(n_bytes):
+    return f"{n_bytes / 2**20:.2f}MiB"
+
+
+def _compare(ref, out):
+    """(max |diff|, min cosine over rows) between two [B,D] arrays."""
+    ref, out = np.asarray(ref, np.float64), np.asarray(out, np.float64)
+    if ref.shape != out.shape:
+        raise ExportFailure(f"output shape {out.shape} != PyTorch {ref.shape}")
+    if not np.isfinite(out).all():
+        return float("inf"), -1.0
+    cos = (ref * out).sum(1) / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(out, axis=1), 1e-12)
+    return float(np.abs(ref - out).max()), float(cos.min())
+
+
+# ------------------------------------------------------------------------------------------------ model
+def load_model(ckpt_path):
+    """-> (eval model, model_cfg, train args dict). ExportFailure(code 2) for anything unusable."""
+    import torch
+    from checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+    except CheckpointError as e:
+        raise ExportFailure(str(e), 2) from None
+    cfg = ckpt["model_cfg"]
+    try:
+        from model import build_model
+        model = build_model(cfg)
+    except (ValueError, KeyError, TypeError) as e:
+        raise ExportFailure(f"{ckpt_path}: cannot rebuild the model from its model_cfg: {_first_line(e)}", 2) from None
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as e:
+        msg = " ".join(str(e).split())
+        raise ExportFailure(f"{ckpt_path}: weights do not match the model its model_cfg describes: {msg[:300]}", 2) from None
+    model.eval()
+    args = ckpt.get("args") if isinstance(ckpt.get("args"), dict) else {}
+    return model, cfg, args
+
+
+def find_input_embeddings(model):
+    import torch.nn as nn
+    embs = [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] == "input_embeddings" and isinstance(m, nn.Embedding)]
+    if len(embs) != 1:
+        raise ExportFailure(f"expected exactly one text-tower `input_embeddings` nn.Embedding, found {len(embs)}", 2)
+    return embs[0]
+
+
+def make_wrappers(model):
+    """Graph-shaped nn.Modules: their forward argument names become the ONNX input names."""
+    import torch.nn as nn
+
+    class ImageGraph(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, image):
+            return self.m.encode_image(image)
+
+    class TextGraph(nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, text_embeds, text_mask):
+            return self.m.encode_text_embedded(text_embeds, text_mask)
+
+    return ImageGraph(model).eval(), TextGraph(model).eval()
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def synthetic_images(n, seed=0):
+    """Deterministic person-ish PIL images of varied sizes: noisy background, body/legs/head blocks."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.RandomState(seed)
+    out = []
+    for i in range(n):
+        w, h = int(rng.randint(48, 160)), int(rng.randint(96, 320))
+        bg = (rng.rand(h, w, 3) * 60 + rng.randint(0, 190, 3)).astype(np.uint8)
+        im = Image.fromarray(bg, "RGB")
+        d = ImageDraw.Draw(im)
+        c = lambda: tuple(int(v) for v in rng.randint(0, 256, 3))  # noqa: E731
+        cx = w // 2
+        d.ellipse([cx - w // 8, h // 20, cx + w // 8, h // 20 + h // 8], fill=c())            # head
+        d.rectangle([cx - w // 4, h // 5, cx + w // 4, h // 2], fill=c())                      # upper body
+        d.rectangle([cx - w // 4, h // 2, cx + w // 4, int(h * 0.9)], fill=c())                # lower body
+        d.rectangle([cx - w // 4, int(h * 0.9), cx + w // 4, h - 2], fill=c())                 # shoes
+        if i % 2:
+            d.rectangle([cx + w // 4, h // 3, cx + w // 3 + 4, h // 2], fill=c())              # carried item
+        out.append((f"synthetic_{i}", im))
+    return out
+
+
+def verification_images(train_args, cfg, n):
+    """-> (float32 [n,3,H,W], source description). Dataset images via data.py when the checkpoint's
+    args['data'] still exists; synthetic ones otherwise (said in the description)."""
+    size = tuple(int(v) for v in cfg.get("image_size", (224, 112)))
+    mean, std = cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD)
+    from search.engine import preprocess as search_preprocess
+
+    items, src, tf = [], None, None
+    data_json = train_args.get("data")
+    if data_json and os.path.isfile(str(data_json)):
+        try:
+            import data as data_lib
+            records = data_lib.load_records(data_json, train_args.get("image_root"))
+            step = max(1, len(records) // (4 * n))  # spread over the dataset, deterministic
+            for r in records[::step][: 8 * n]:
+                im = data_lib.load_image(r["image_path"])
+                if im is not None:
+                    items.append((r["file_path"], im))
+                if len(items) == n:
+                    break
+            tf = data_lib.build_transform(size, train=False, mean=mean, std=std)
+            src = f"{len(items)} images from {data_json}"
+        except Exception as e:  # any data.py / dataset problem only downgrades the check to synthetic images
+            items, tf = [], None
+            src = f"synthetic images ({data_json}: {_first_line(e, 120)})"
+    elif data_json:
+        src = f"synthetic images (training data {data_json} not found)"
+    else:
+        src = "synthetic images (checkpoint args name no dataset)"
+    if len(items) < n:
+        extra = synthetic_images(n - len(items))
+        if items:
+            src += f" + {len(extra)} synthetic"
+        items += extra
+    arrs = [search_preprocess(im, None, size, mean, std) for _, im in items]
+    x = np.stack(arrs).astype(np.float32)
+    if tf is not None:  # training eval transform must equal search/ preprocessing (DESIGN §1, INTERFACES data.py)
+        xt = np.stack([tf(im).numpy() for _, im in items])
+        d = float(np.abs(xt - x).max())
+        print(f"preprocessing check, data.build_transform vs search/ numpy: max|diff| = {d:.2e}"
+              + ("" if d < 1e-3 else "  WARNING: training and search see different pixels"))
+    return x, src
+
+
+def verification_texts(n):
+    return [CHECK_TEXTS[i % len(CHECK_TEXTS)] for i in range(n)]
+
+
+# ------------------------------------------------------------------------------------------------ export
+def _torchscript_export(module, inputs, f, input_names, dynamic_axes, opset):
+    import torch
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.onnx.export(module, inputs, f, dynamo=False, opset_version=opset, input_names=input_names,
+                          output_names=["embedding"], dynamic_axes=dynamic_axes, do_constant_folding=True)
+    tracer = sorted({_first_line(w.message, 160) for w in caught if issubclass(w.category, torch.jit.TracerWarning)})
+    for t in tracer:  # a TracerWarning can mean a shape got frozen; the two-L / two-B verification catches that
+        print(f"  tracer warning: {t}")
+
+
+def _dynamo_export(module, inputs, f, input_names, dyn, opset):
+    import torch
+    shapes = {name: {ax: torch.export.Dim(dname, **({"max": mx} if mx else {})) for ax, (dname, mx) in axes.items()}
+              for name, axes in dyn.items()}
+    # one Dim object per axis name, shared across inputs (B and L are the same for text_embeds and text_mask)
+    dims = {}
+    for name, axes in dyn.items():
+        for ax, (dname, mx) in axes.items():
+            dims.setdefault(dname, shapes[name][ax])
+            shapes[name][ax] = dims[dname]
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)
+        try:
+            torch.onnx.export(module, inputs, f, dynamo=True, opset_version=max(opset, 18), input_names=input_names,
+                              output_names=["embedding"], dynamic_shapes=shapes, external_data=False)
+        finally:
+            logging.disable(logging.NOTSET)
+
+
+def export_graph(module, inputs, input_names, dyn, opset, exporter):
+    """-> (onnx.ModelProto, exporter description). dyn: {input: {axis: (name, max|None)}}."""
+    import onnx
+    with tempfile.TemporaryDirectory() as td:
+        f = os.path.join(td, "graph.onnx")
+        errors = []
+        order = {"auto": ["torchscript", "dynamo"], "torchscript": ["torchscript"], "dynamo": ["dynamo"]}[exporter]
+        for kind in order:
+            try:
+                if kind == "torchscript":
+                    axes = {k: {a: n for a, (n, _) in v.items()} for k, v in dyn.items()}
+                    axes["embedding"] = {0: "batch"}
+                    _torchscript_export(module, inputs, f, input_names, axes, opset)
+                    desc = f"TorchScript exporter (dynamo=False), opset {opset}"
+                else:
+                    _dynamo_export(module, inputs, f, input_names, dyn, opset)
+                    desc = f"dynamo exporter (dynamic_shapes), opset {max(opset, 18)}"
+                proto = onnx.load(f)
+                onnx.checker.check_model(proto)
+                if errors:
+                    desc += f" (TorchScript exporter failed: {errors[0]})"
+                return proto, desc
+            except Exception as e:
+                errors.append(f"{kind}: {_first_line(e, 160)}")
+        raise ExportFailure("ONNX export failed: " + "; ".join(errors))
+
+
+def _run_onnxsim(proto):
+    import onnxsim
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+        simp, ok = onnxsim.simplify(proto)
+    if not ok:
+        raise RuntimeError("onnxsim's own check failed")
+    return simp
+
+
+def _run_onnxslim(proto):
+    import onnxslim
+    with open(os.devnull, "w") as null, contextlib.redirect_stdout(null):
+        return onnxslim.slim(copy.deepcopy(proto))
+
+
+def simplify(proto, tool):
+    """-> (model, description). tool: none | onnxsim | onnxslim | auto (run both, keep the graph with fewer
+    nodes: on the text graph onnxsim rewrites each 3-D Linear as Reshape->Gemm->Reshape with extra dynamic
+    Shape/Slice, onnxslim keeps MatMul+Add; fewer, static-shape-friendly nodes is what NPU compilers want).
+    Either failing falls back to the other; ORT verification of the result follows anyway."""
+    if tool == "none":
+        return proto, "not simplified (--no_simplify)"
+    import onnx
+    runners = {"onnxsim": _run_onnxsim, "onnxslim": _run_onnxslim}
+    order = ["onnxsim", "onnxslim"] if tool == "auto" else [tool, *(t for t in runners if t != tool)]
+    results, notes = [], []
+    for name in order:
+        try:
+            simp = runners[name](proto)
+            onnx.checker.check_model(simp)
+            results.append((len(simp.graph.node), name, simp))
+            if tool != "auto":
+                break
+        except Exception as e:
+            notes.append(f"{name} failed: {_first_line(e, 120)}")
+    if not results:
+        print(f"  warning: graph left unsimplified ({'; '.join(notes)})")
+        return proto, "not simplified (" + "; ".join(notes) + ")"
+    n_nodes, name, simp = min(results, key=lambda r: r[0])  # stable: ties keep the first (onnxsim)
+    desc = f"simplified with {name}: {len(proto.graph.node)} -> {n_nodes} nodes"
+    if len(results) > 1:
+        desc += " (" + ", ".join(f"{r[1]} {r[0]}" for r in results) + ")"
+    if notes:
+        desc += " (" + "; ".join(notes) + ")"
+    return simp, desc
+
+
+def op_counts(proto):
+    return Counter(n.op_type for n in proto.graph.node)
+
+
+def gathers_on_inputs(proto):
+    """Gather-family nodes reading a graph input directly, as data OR as indices. An nn.Embedding exports as
+    Gather(data=table initializer, indices=ids input), so checking the data input alone would miss exactly
+    the lookup this guards against; Shape->Gather (reading sizes) is fine and not matched."""
+    inputs = {i.name for i in proto.graph.input}
+    return [n.name or n.op_type for n in proto.graph.node
+            if n.op_type in ("Gather", "GatherElements", "GatherND") and any(t in inputs for t in n.input)]
+
+
+def check_contract(proto, spec, what):
+    """spec: {input_name: [dim, ...]} with int (static) or str (must be dynamic); float32 I/O, output embedding."""
+    import onnx
+    ins = {i.name: i for i in proto.graph.input}
+    if list(ins) != list(spec):
+        raise ExportFailure(f"{what}: graph inputs {list(ins)} != {list(spec)}")
+    for name, want in spec.items():
+        tt = ins[name].type.tensor_type
+        if tt.elem_type != onnx.TensorProto.FLOAT:
+            raise ExportFailure(f"{what}: input {name} is not float32")
+        dims = [d.dim_param if d.HasField("dim_param") else (d.dim_value if d.HasField("dim_value") else "?")
+                for d in tt.shape.dim]
+        for got, exp in zip(dims, want):
+            if isinstance(exp, str) and isinstance(got, int):
+                raise ExportFailure(f"{what}: input {name} dims {dims}: axis meant to be dynamic is fixed")
+            if isinstance(exp, int) and got != exp:
+                raise ExportFailure(f"{what}: input {name} dims {dims}, expected {want}")
+    outs = [o.name for o in proto.graph.output]
+    if outs != ["embedding"] or proto.graph.output[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        raise ExportFailure(f"{what}: graph outputs {outs}, expected one float32 'embedding'")
+
+
+def print_op_table(name, orig, simp, orig_bytes, simp_bytes):
+    """The seed's table: op counts of the original vs the simplified graph, plus file size."""
+    co, cs = op_counts(orig), op_counts(simp)
+    rows = [(op, str(co.get(op, 0)), str(cs.get(op, 0))) for op in sorted(set(co) | set(cs))]
+    rows.append(("Model Size", _mib(orig_bytes), _mib(simp_bytes)))
+    try:
+        from rich import box
+        from rich.console import Console
+        from rich.table import Table
+        t = Table(box=box.HEAVY_HEAD)
+        for col in ("", "Original Model", "Simplified Model"):
+            t.add_column(col)
+        for r in rows:
+            t.add_row(*r)
+        Console(width=100, force_terminal=False, color_system=None).print(t)
+    except ImportError:  # rich is in requirements.txt; a plain table keeps the script usable without it
+        print(f"{'':<28}{'Original Model':>16}{'Simplified Model':>18}")
+        for r in rows:
+            print(f"{r[0]:<28}{r[1]:>16}{r[2]:>18}")
+
+
+# ------------------------------------------------------------------------------------------------ ORT
+def ort_session(model_bytes):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = max(1, min(4, os.cpu_count() or 1))
+    return ort.InferenceSession(model_bytes, sess_options=so, providers=["CPUExecutionProvider"])
+
+
+def verify(model_bytes, cases, min_cos, atol, label, show_stats=False):
+    """cases: list of (name, feeds dict, reference [B,D]). Prints one line per case; -> worst (max_abs, min_cos)."""
+    try:
+        sess = ort_session(model_bytes)
+    except Exception as e:
+        raise ExportFailure(f"{label}: onnxruntime cannot load the graph: {_first_line(e)}")
+    worst_abs, worst_cos, bad = 0.0, 1.0, []
+    for name, feeds, ref in cases:
+        try:
+            out = sess.run(["embedding"], feeds)[0]
+        except Exception as e:
+            raise ExportFailure(f"{label}: onnxruntime failed on {name}: {_first_line(e)}")
+        mx, mc = _compare(ref, out)
+        norms = np.linalg.norm(out.astype(np.float64), axis=1)
+        tol_ok = mc >= min_cos and (atol is None or mx <= atol)
+        print(f"  {label:<22} {name:<34} max|diff| = {mx:.2e}  min cos = {mc:.6f}  "
+              f"|emb| in [{norms.min():.4f}, {norms.max():.4f}]{'' if tol_ok else '  <-- FAIL'}")
+        if show_stats:
+            print(f"  output[{out.shape[0]}, {out.shape[1]}]: min={out.min():.5f}, max={out.max():.5f}")
+        if not tol_ok:
+            bad.append(name)
+        if np.isfinite(norms).all() and np.abs(norms - 1).max() > max(1e-3, 10 * (atol or 0)):
+            bad.append(f"{name} (not unit norm)")
+        worst_abs, worst_cos = max(worst_abs, mx), min(worst_cos, mc)
+    if bad:
+        lim = f"min cos >= {min_cos}" + (f", max|diff| <= {atol}" if atol is not None else "")
+        return worst_abs, worst_cos, f"{label}: ONNX Runtime differs from PyTorch on {', '.join(bad)} (needs {lim})"
+    return worst_abs, worst_cos, None
+
+
+# ------------------------------------------------------------------------------------------------ variants
+def _tail_after_last_matmul(proto):
+    """Names of the nodes between the last MatMul/Gemm/Conv and the output: the L2-normalisation, whose sum of
+    squares overflows fp16 for large pre-norm features; the fp16 converter keeps them float32."""
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    names, stack, seen = [], [o.name for o in proto.graph.output], set()
+    while stack:
+        t = stack.pop()
+        n = producer.get(t)
+        if n is None or id(n) in seen or n.op_type in ("MatMul", "Gemm", "Conv"):
+            continue
+        seen.add(id(n))
+        names.append(n.name)
+        stack.extend(n.input)
+    return [n for n in names if n]
+
+
+def _toposort(graph):
+    """Reorder graph.node topologically in place (the fp16 converter appends its Cast nodes at the end)."""
+    avail = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    nodes = list(graph.node)
+    missing = [sum(1 for t in set(n.input) if t not in avail) for n in nodes]
+    consumers = {}
+    for k, n in enumerate(nodes):
+        for t in set(n.input):
+            if t not in avail:
+                consumers.setdefault(t, []).append(k)
+    ready = [k for k, m in enumerate(missing) if m == 0]
+    order = []
+    while ready:
+        k = ready.pop(0)
+        order.append(nodes[k])
+        for t in nodes[k].output:
+            for c in consumers.pop(t, []):
+                missing[c] -= 1
+                if missing[c] == 0:
+                    ready.append(c)
+    if len(order) != len(nodes):
+        raise ValueError("graph has a cycle or a node reading an undefined tensor")
+    del graph.node[:]
+    graph.node.extend(order)
+
+
+def _cast_to(node):
+    return next((a.i for a in node.attribute if a.name == "to"), None)
+
+
+def _drop_cast_roundtrips(graph, fp32):
+    """Remove float32 -> float16 -> float32 Cast pairs on tensors known to be float32 (`fp32`, a set of names).
+    The converter puts such a pair after every blocked node, so a blocked float32 chain would still be rounded
+    to fp16 (and overflow) between its nodes; without the pairs the chain really runs in float32."""
+    import onnx
+    F32, F16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+    outputs, inputs = {o.name for o in graph.output}, {i.name for i in graph.input}
+    while True:
+        producer = {o: n for n in graph.node for o in n.output}
+        for c2 in graph.node:
+            if c2.op_type != "Cast" or _cast_to(c2) != F32:
+                continue
+            c1 = producer.get(c2.input[0])
+            if c1 is None or c1.op_type != "Cast" or _cast_to(c1) != F16 or c1.input[0] not in fp32:
+                continue
+            x, z = c1.input[0], c2.output[0]
+            if z in outputs:  # keep the graph output's name: the float32 producer of x now writes z
+                if x in outputs or x in inputs or x not in producer:
+                    continue
+                old, new = x, z
+            else:
+                old, new = z, x
+            graph.node.remove(c2)
+            for n in graph.node:
+                for seq in (n.input, n.output):
+                    for i, t in enumerate(seq):
+                        if t == old:
+                            seq[i] = new
+            fp32.add(new)
+            if not any(c1.output[0] in n.input for n in graph.node) and c1.output[0] not in outputs:
+                graph.node.remove(c1)
+            break
+        else:
+            return
+
+
+def to_fp16(proto):
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+    m = copy.deepcopy(proto)
+    for i, n in enumerate(m.graph.node):  # node_block_list works by name; give every node one
+        if not n.name:
+            n.name = f"{n.op_type}_{i}"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        blocked = set(_tail_after_last_matmul(m))
+        m16 = convert_float_to_float16(m, keep_io_types=True, node_block_list=sorted(blocked))
+    fp32 = {o for n in m16.graph.node if n.name in blocked or (n.op_type == "Cast" and _cast_to(n) == 1)
+            for o in n.output}
+    _drop_cast_roundtrips(m16.graph, fp32)
+    _toposort(m16.graph)
+    onnx.checker.check_model(m16)
+    return m16
+
+
+def to_int8(proto):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    with tempfile.TemporaryDirectory() as td:
+        src, dst = os.path.join(td, "fp32.onnx"), os.path.join(td, "int8.onnx")
+        with open(src, "wb") as f:
+            f.write(proto.SerializeToString())
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # "consider pre-processing" advice, printed on every call
+        try:
+            quantize_dynamic(src, dst, per_channel=True, weight_type=QuantType.QInt8)
+        finally:
+            root.setLevel(level)
+        with open(dst, "rb") as f:
+            return f.read()
+
+
+# ------------------------------------------------------------------------------------------------ main
+def export(args):
+    import onnx
+    import torch
+    from backbone import reparameterize_model
+    from search import charmap
+
+    if args.batch_check < 2:
+        raise ExportFailure("--batch_check must be >= 2 (batch 1 is always checked too)", 2)
+    model, cfg, train_args = load_model(args.checkpoint)
+    out_dir = Path(args.output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportFailure(f"{out_dir}: exists and is not a folder", 2)
+    text_only = bool(cfg.get("text_only"))
+    max_len = int(cfg["max_seq_length"])
+    n = args.batch_check
+
+    emb = find_input_embeddings(model)
+    table = emb.weight.detach().cpu().float().numpy().copy()
+    V, E = table.shape
+    if (V, E) != (int(cfg["vocab_size"]), int(cfg["embed_dim"])):
+        raise ExportFailure(f"input table is {V}x{E} but model_cfg says vocab_size={cfg['vocab_size']}, "
+                            f"embed_dim={cfg['embed_dim']}", 2)
+
+    # ---- reference inputs and PyTorch outputs of the checkpoint's model as trained (before folding)
+    ref_model = copy.deepcopy(model).eval()
+    texts = verification_texts(n)
+    ids, mask = charmap.encode_batch(texts, max_len=max_len, vocab_size=V)
+    short_L = max(2, min(max_len - 1, 12))
+    x_text = charmap.lookup(table, ids)                      # what search/ does, in numpy
+    text_cases_spec = [("texts batch 1, L=%d" % max_len, slice(0, 1), max_len),
+                       ("texts batch %d, L=%d" % (n, max_len), slice(0, n), max_len),
+                       ("texts batch %d, L=%d (dynamic L)" % (n, short_L), slice(0, n), short_L)]
+    text_cases = []
+    for name, rows, L in text_cases_spec:
+        ref = ref_model.encode_text(torch.from_numpy(ids[rows, :L]), torch.from_numpy(mask[rows, :L])).numpy()
+        feeds = {"text_embeds": np.ascontiguousarray(x_text[rows, :L]),
+                 "text_mask": mask[rows, :L].astype(np.float32)}
+        text_cases.append((name, feeds, ref))
+    image_cases = []
+    if not text_only:
+        images, img_src = verification_images(train_args, cfg, n)
+        print(f"verification images: {img_src}")
+        for name, rows in ((f"images batch 1", slice(0, 1)), (f"images batch {n}", slice(0, n))):
+            ref = ref_model.encode_image(torch.from_numpy(images[rows])).numpy()
+            image_cases.append((name, {"image": images[rows]}, ref))
+
+    # ---- fold train-time branches / BN, and check the folded model in PyTorch first
+    n_before = sum(p.numel() for p in model.parameters())
+    model = reparameterize_model(model) or model
+    model.eval()
+    n_after = sum(p.numel() for p in model.parameters())
+    worst = (0.0, 1.0)
+    for name, feeds, ref in text_cases + image_cases:
+        if "image" in feeds:
+            got = model.encode_image(torch.from_numpy(feeds["image"])).numpy()
+        else:
+            got = model.encode_text_embedded(torch.from_numpy(feeds["text_embeds"]),
+                                             torch.from_numpy(feeds["text_mask"])).numpy()
+        mx, mc = _compare(ref, got)
+        worst = (max(worst[0], mx), min(worst[1], mc))
+    print(f"reparameterize: {n_before / 1e6:.3f}M -> {n_after / 1e6:.3f}M params; folded vs checkpoint model "
+          f"(PyTorch): max|diff| = {worst[0]:.2e}, min cos = {worst[1]:.6f}")
+    if worst[1] < args.min_cos or worst[0] > args.atol:
+        raise ExportFailure(f"folding changed the model: max|diff| {worst[0]:.2e}, min cos {worst[1]:.6f}")
+
+    image_graph, text_graph = make_wrappers(model)
+    H, W = (int(v) for v in cfg["image_size"])
+    graphs = []
+    if not text_only:
+        graphs.append(dict(
+            name="image", file=IMAGE_FILE, module=image_graph,
+            inputs=(torch.from_numpy(image_cases[1][1]["image"][:2]),), input_names=["image"],
+            dyn={"image": {0: ("batch", None)}}, spec={"image": ["batch", 3, H, W]}, cases=image_cases))
+    graphs.append(dict(
+        name="text", file=TEXT_FILE, module=text_graph,
+        inputs=(torch.from_numpy(x_text[:2]), torch.from_numpy(mask[:2].astype(np.float32))),
+        input_names=["text_embeds", "text_mask"],
+        dyn={"text_embeds": {0: ("batch", None), 1: ("seq", max_len)}, "text_mask": {0: ("batch", None), 1: ("seq", max_len)}},
+        spec={"text_embeds": ["batch", "seq", E], "text_mask": ["batch", "seq"]}, cases=text_cases))
+
+    # ---- export, simplify, check, verify: everything in memory; nothing is written unless it all passes
+    to_write, failures = [], []  # to_write: (path, bytes, after-write printer)
+    for g in graphs:
+        print(f"[{g['name']}] exporting ...")
+        raw, how = export_graph(g["module"], g["inputs"], g["input_names"], g["dyn"], args.opset, args.exporter)
+        simp, tool = simplify(raw, "none" if args.no_simplify else args.simplifier)
+        print(f"[{g['name']}] {how}; {tool}")
+        check_contract(simp, g["spec"], g["file"])
+        if g["name"] == "text":
+            bad = gathers_on_inputs(simp)
+            if bad:
+                raise ExportFailure(f"{TEXT_FILE}: Gather on a graph input ({', '.join(bad)}): the embedding lookup "
+                                    f"must stay outside the graph")
+        ops = sorted(op_counts(simp))
+        print(f"[{g['name']}] op set ({len(ops)}): {', '.join(ops)}")
+        raw_bytes, simp_bytes = raw.SerializeToString(), simp.SerializeToString()
+        print("test onnx model ... ...")
+        _, _, err = verify(simp_bytes, g["cases"], args.min_cos, args.atol, g["file"], show_stats=True)
+        if err:
+            raise ExportFailure(err)
+        path = out_dir / g["file"]
+        to_write.append((path, simp_bytes, (lambda r=raw, s=simp, rb=len(raw_bytes), sb=len(simp_bytes), p=path:
+                                            (print(f'export to "{p}" OK.'), print_op_table(p.name, r, s, rb, sb)))))
+        for kind, enabled, lim in (("fp16", args.fp16, args.fp16_min_cos), ("int8", args.int8, args.int8_min_cos)):
+            if not enabled:
+                continue
+            vfile = g["file"].replace(".onnx", f".{kind}.onnx")
+            try:
+                vbytes = to_fp16(simp).SerializeToString() if kind == "fp16" else to_int8(simp)
+                mx, mc, err = verify(vbytes, g["cases"], lim, None, vfile)
+            except Exception as e:
+                mx, mc, err = None, None, f"{vfile}: conversion failed: {_first_line(e)}"
+            if err:
+                print(f"  warning: {err}; {vfile} not written")
+                failures.append(err)
+                continue
+            vpath = out_dir / vfile
+            msg = (f"{kind}: {_mib(len(vbytes))} (fp32 {_mib(len(simp_bytes))}), vs PyTorch fp32: "
+                   f"max|diff| = {mx:.2e}, min cos = {mc:.6f} (needs >= {lim})")
+            to_write.append((vpath, vbytes, (lambda p=vpath, m=msg: print(f'export to "{p}" OK.  {m}'))))
+
+    info = {
+        "format_version": FORMAT_VERSION,
+        "image_size": [H, W],
+        "mean": [float(v) for v in cfg.get("mean", IMAGENET_MEAN)],
+        "std": [float(v) for v in cfg.get("std", IMAGENET_STD)],
+        "max_seq_length": max_len,
+        "vocab_size": int(V),
+        "embed_dim": int(E),
+        "charmap_version": cfg.get("charmap_version", charmap.CHARMAP_VERSION),
+        "feature_dim": int(cfg["feature_dim"]),
+        "teacher_space": bool(cfg.get("teacher_space", text_only)),
+        "teacher": str(cfg.get("teacher_name") or ""),
+        "backbone": None if text_only else cfg.get("backbone"),
+        "text_backbone": cfg.get("text_backbone"),
+        "image_model": None if text_only else IMAGE_FILE,
+        "text_model": TEXT_FILE,
+        "input_embeddings": TABLE_FILE,
+    }
+
+    # ---- write: old model_info.json first out, new one last, so a crash mid-way never pairs old info with new graphs
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(out_dir / INFO_FILE)
+    for path, data, after in to_write:
+        _atomic_write(path, data)
+        after()
+    _atomic_write(out_dir / TABLE_FILE, _npy_bytes(table))
+    if not np.array_equal(np.load(out_dir / TABLE_FILE, allow_pickle=False), table):
+        raise ExportFailure(f"{out_dir / TABLE_FILE}: read-back differs from the model's table")
+    print(f'export to "{out_dir / TABLE_FILE}" OK.  [{V}, {E}] float32, {_mib(table.nbytes)}')
+    _atomic_write(out_dir / INFO_FILE, (json.dumps(info, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
+    print(f'export to "{out_dir / INFO_FILE}" OK.')
+    if text_only:
+        stale = [p.name for p in out_dir.glob("model_image*.onnx")]
+        if stale:
+            print(f"note: text_only export; {', '.join(stale)} in {out_dir} are from an earlier export and unused")
+    if failures:
+        raise ExportFailure(f"{len(failures)} variant(s) failed verification and were not written: {failures[0]}")
+
+
+def main(args):
+    import torch
+    try:
+        with torch.no_grad():
+            export(args)
+    except ExportFailure as e:
+        sys.stdout.flush()
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(e.code)
+    except OSError as e:  # unwritable output folder, full disk, ...
+        print(f"error: {e.filename or args.output_dir}: {e.strerror or e}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    main(argparse.ArgumentParser(parents=[get_args_parser()]).parse_args())

@@ -1,0 +1,467 @@
+"""Distil an image-text teacher (SigLIP2, or the offline attribute teacher) into a tiny person-search student.
+
+Single process (GPU or CPU):
+    python main.py --backbone mobile_small --data SYNTH-PEDES/synthpedes-dataset.json --embedding_path embeddings
+Several GPUs:
+    torchrun --nproc_per_node=4 main.py --backbone mobile_small --data SYNTH-PEDES/synthpedes-dataset.json --embedding_path embeddings
+Continue the newest run after a crash or kill:
+    python main.py ... --resume auto
+Text encoder only, into the teacher's space (search galleries enrolled with the teacher):
+    python main.py --text_only --data ... --embedding_path ...
+
+Runs land in logs/expModel-<backbone>-<H>x<W>-<dim>/<run>/: <iter>.pt, last.pt, best.pt, args.json, TensorBoard events.
+"""
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import data as data_lib
+import losses
+import metrics
+import opts
+from checkpoint import load_checkpoint, save_checkpoint
+from embedding_cache import EmbeddingCache
+from model import build_model, default_model_cfg
+
+log = logging.getLogger("person")
+
+
+# ----------------------------------------------------------------------------- distributed helpers
+
+def init_distributed(args):
+    args.world_size = int(os.environ.get("WORLD_SIZE", 1))
+    args.rank = int(os.environ.get("RANK", 0))
+    args.local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    args.distributed = args.world_size > 1
+    if args.device == "auto":
+        args.device = f"cuda:{args.local_rank}" if torch.cuda.is_available() else "cpu"
+    elif args.device == "cuda" and args.distributed:
+        args.device = f"cuda:{args.local_rank}"
+    if args.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(args.device))
+    if args.distributed:
+        dist.init_process_group(backend="nccl" if args.device.startswith("cuda") else "gloo")
+
+
+def is_main(args):
+    return args.rank == 0
+
+
+def setup_logging(args, run_dir):
+    fmt = logging.Formatter("%(asctime)s-%(levelname)s:%(message)s")
+    log.handlers.clear()
+    log.propagate = False
+    if not is_main(args):  # only rank 0 prints and logs
+        log.addHandler(logging.NullHandler())
+        return
+    log.setLevel(logging.INFO)
+    sh = logging.StreamHandler(sys.stdout)
+    sh.setFormatter(fmt)
+    log.addHandler(sh)
+    fh = logging.FileHandler(run_dir / "train.log")
+    fh.setFormatter(fmt)
+    log.addHandler(fh)
+
+
+# ----------------------------------------------------------------------------- run folder and resume
+
+def exp_dir(args):
+    h, w = args.image_size
+    return Path(args.output_dir) / f"expModel-{args.backbone}-{h}x{w}-{args.feature_dim}"
+
+
+def choose_run_dir(args):
+    """Next free number for a new run; the newest run for --resume auto (so a restart continues it)."""
+    root = exp_dir(args)
+    if args.run:
+        return root / str(args.run)
+    nums = sorted(int(p.name) for p in root.glob("*") if p.is_dir() and p.name.isdigit()) if root.exists() else []
+    if args.resume == "auto" and nums:
+        return root / str(nums[-1])
+    return root / str((nums[-1] + 1) if nums else 1)
+
+
+def find_resume(args, run_dir):
+    if args.resume == "auto":
+        last = run_dir / "last.pt"
+        return last if last.exists() else None
+    if args.resume:
+        p = Path(args.resume)
+        if not p.exists():
+            raise SystemExit(f"error: --resume {args.resume}: no such checkpoint")
+        return p
+    return None
+
+
+def atomic_write_text(path, text):
+    tmp = Path(f"{path}.tmp.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def link_or_copy_atomic(src, dst):
+    """last.pt / best.pt: a hard link to the numbered file, swapped in atomically (no second write)."""
+    tmp = Path(f"{dst}.tmp.{os.getpid()}")
+    if tmp.exists():
+        tmp.unlink()
+    try:
+        os.link(src, tmp)
+    except OSError:
+        import shutil
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def prune_checkpoints(run_dir, keep):
+    numbered = sorted((int(p.stem), p) for p in run_dir.glob("*.pt") if p.stem.isdigit())
+    for _, p in numbered[:-keep] if keep > 0 else []:
+        p.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------- data
+
+class ResumableSampler(torch.utils.data.Sampler):
+    """Epoch-seeded permutation, this rank's share, starting at any batch.
+
+    Resume must reproduce the next step exactly, so the order is a pure function of (seed, epoch) and the
+    first batches of a resumed epoch are skipped by index instead of by loading them.
+    """
+
+    def __init__(self, n, batch_size, rank, world_size, seed):
+        self.n, self.bs, self.rank, self.ws, self.seed = n, batch_size, rank, world_size, seed
+        self.epoch, self.start_batch = 0, 0
+        self.batches_per_epoch = n // (batch_size * world_size)
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        global_bs = self.bs * self.ws
+        for b in range(self.start_batch, self.batches_per_epoch):
+            chunk = perm[b * global_bs:(b + 1) * global_bs]
+            yield from chunk[self.rank::self.ws]
+
+    def __len__(self):
+        return (self.batches_per_epoch - self.start_batch) * self.bs
+
+
+def build_data(args, records, cache):
+    langs = tuple(s for s in args.langs.split(",") if s)
+    train_idx = data_lib.split_records(records, args.test_ratio, "train")
+    test_idx = data_lib.split_records(records, args.test_ratio, "test")
+    # full decoding of millions of images at start-up costs minutes: large sets get a header check, and the
+    # dataset's fallback covers a file that turns out truncated later
+    ok, n_missing, n_corrupt = data_lib.check_images(records, indices=train_idx + test_idx,
+                                                     decode=len(records) <= 200_000)
+    ok = set(ok)
+    if n_missing or n_corrupt:
+        log.info(data_lib.format_skip_summary(n_missing, n_corrupt))
+    train_idx = [i for i in train_idx if i in ok]
+    test_idx = [i for i in test_idx if i in ok]
+    if len(train_idx) < args.batch_size * args.world_size:
+        raise SystemExit(f"error: {len(train_idx)} usable training images is fewer than one global batch "
+                         f"({args.batch_size} x {args.world_size}); lower --batch_size")
+    ds = data_lib.DistillDataset(records, train_idx, cache=cache, image_size=args.image_size, train=True,
+                                 max_seq_length=args.max_seq_length, vocab_size=args.vocab_size,
+                                 compose_prob=args.compose_prob, compose_zh_prob=args.compose_zh_prob,
+                                 langs=langs, seed=args.seed)
+    sampler = ResumableSampler(len(ds), args.batch_size, args.rank, args.world_size, args.seed)
+    return ds, sampler, train_idx, test_idx
+
+
+def make_loader(args, ds, sampler):
+    # A private generator: creating a loader iterator must not consume the global RNG (resume parity).
+    g = torch.Generator().manual_seed(args.seed)
+    return torch.utils.data.DataLoader(
+        ds, batch_size=args.batch_size, sampler=sampler, num_workers=args.workers, drop_last=True,
+        pin_memory=args.device.startswith("cuda"), persistent_workers=False, generator=g,
+        prefetch_factor=4 if args.workers > 0 else None)
+
+
+# ----------------------------------------------------------------------------- model + loss in one module
+
+class Distiller(nn.Module):
+    """Student + criterion as one module so DDP syncs the criterion's trainable projections too."""
+
+    def __init__(self, model, criterion):
+        super().__init__()
+        self.model, self.criterion = model, criterion
+
+    def forward(self, batch):
+        s_img = None if self.model.text_only else self.model.encode_image(batch["image"])
+        s_cap = self.model.encode_text(batch["text_ids"], batch["text_mask"])
+        return self.criterion(s_img, s_cap, batch["t_img_emb"], batch["t_cap_emb"], batch["has_t_img"],
+                              batch["has_t_cap"], batch["pid"], batch["img_row"])
+
+
+def lr_lambda_factory(args):
+    def f(step):
+        if step < args.warmup:
+            return (step + 1) / max(1, args.warmup)
+        t = (step - args.warmup) / max(1, args.iters - args.warmup)
+        return args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return f
+
+
+def param_groups(module, weight_decay):
+    decay, no_decay = [], []
+    for n, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        # norms, biases and the character table: decaying them only hurts (rare characters shrink to zero)
+        (no_decay if p.ndim < 2 or "input_embeddings" in n else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def amp_dtype(args):
+    if args.amp == "auto":
+        return torch.bfloat16 if args.device.startswith("cuda") else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.amp]
+
+
+# ----------------------------------------------------------------------------- evaluation hook
+
+@torch.no_grad()
+def evaluate_heldout(args, model, records, test_idx):
+    from evaluation_model import embed_split  # the same embedding code as the evaluation script
+    if not test_idx:
+        return {}
+    idx = test_idx[:args.eval_max_images]
+    langs = tuple(s for s in args.eval_langs.split(",") if s)
+    emb = embed_split(model, records, idx, model.cfg, device=args.device, langs=langs, batch_size=64,
+                      workers=min(args.workers, 2), progress=False)
+    if emb["cap_emb"].shape[0] == 0:
+        return {}
+    if model.text_only:
+        return {}  # text-only students are evaluated against the teacher's image cache (evaluation_model.py)
+    res = metrics.evaluate_embeddings(emb["img_emb"], emb["cap_emb"], emb["cap_img_index"], emb["img_pids"],
+                                      emb["cap_pids"])
+    return res["headline"]
+
+
+# ----------------------------------------------------------------------------- training
+
+def train_one_epoch(args, state, loader, distiller, optimizer, scheduler, scaler, writer, ctx):
+    """Runs until the epoch's batches or --iters run out; returns when a checkpoint/eval is due or done."""
+    device = torch.device(args.device)
+    dtype = amp_dtype(args)
+    hist = ctx["hist"]
+    t_data = time.time()
+    for batch in loader:
+        step = state["step"]
+        if step >= args.iters:
+            return
+        state["batches"] += 1
+        batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        ctx["data_time"] += time.time() - t_data
+        t0 = time.time()
+        with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None):
+            terms = distiller(batch)
+        total = sum(terms.values())
+        if not torch.isfinite(total):
+            # skip, count, and stop if it persists: one bad batch must not poison the weights
+            state["bad_steps"] += 1
+            state["bad_total"] += 1
+            optimizer.zero_grad(set_to_none=True)
+            log.info(f"Iter:{step}| non-finite loss ({total.item()}), step skipped "
+                     f"({state['bad_steps']} in a row, {state['bad_total']} in all)")
+            if state["bad_steps"] >= args.max_bad_steps:
+                raise SystemExit(f"error: loss was non-finite for {state['bad_steps']} steps in a row at "
+                                 f"iteration {step}; lower --lr or use --amp bf16/none")
+            t_data = time.time()
+            continue
+        state["bad_steps"] = 0
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(total).backward()
+        if args.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(distiller.parameters(), args.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        state["step"] = step = step + 1
+        ctx["compute_time"] += time.time() - t0
+
+        values = {k: v.item() for k, v in terms.items()}
+        values["total"] = total.item()
+        for k, v in values.items():
+            hist.setdefault(k, deque(maxlen=200)).append(v)
+        if is_main(args) and (step % args.log_every == 0 or step == 1):
+            lr = optimizer.param_groups[0]["lr"]
+            parts = [f"{k}: {v:.5f} {np.mean(hist[k]):.5f}" for k, v in values.items()]
+            log.info(f"Iter:{step}| " + "| ".join(parts) + f"| lr: {lr:.6f}")
+            for k, v in values.items():
+                writer.add_scalar(f"loss/{k}", v, step)
+            writer.add_scalar("lr", lr, step)
+            elapsed = ctx["data_time"] + ctx["compute_time"]
+            if elapsed > 0:
+                writer.add_scalar("speed/data_wait_fraction", ctx["data_time"] / elapsed, step)
+        if step % args.save_every == 0 or step >= args.iters or (args.eval_every and step % args.eval_every == 0):
+            return  # the caller evaluates/saves, then restarts the loader at the right batch
+        t_data = time.time()
+
+
+def main(args):
+    init_distributed(args)
+    run_dir = choose_run_dir(args)
+    if args.distributed:
+        obj = [str(run_dir)]
+        dist.broadcast_object_list(obj, src=0)
+        run_dir = Path(obj[0])
+    if is_main(args):
+        run_dir.mkdir(parents=True, exist_ok=True)
+    if args.distributed:
+        dist.barrier()
+    setup_logging(args, run_dir)
+
+    # ---- data and teacher cache
+    try:
+        records = data_lib.load_records(args.data, args.image_root)
+        cache = EmbeddingCache.open(args.embedding_path, args.data)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise SystemExit(f"error: {e}")
+    teacher_dim = cache.dim
+    if args.text_only:
+        args.feature_dim = teacher_dim
+    ds, sampler, train_idx, test_idx = build_data(args, records, cache)
+
+    # ---- resume or fresh start
+    resume_path = find_resume(args, run_dir)
+    ckpt = None
+    if resume_path is not None:
+        try:
+            ckpt = load_checkpoint(resume_path)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    model_cfg = ckpt["model_cfg"] if ckpt else default_model_cfg(args, teacher_dim, cache.manifest.get("teacher", ""))
+    model = build_model(model_cfg)
+    if args.distributed and args.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    criterion = losses.build_criterion(args, model_cfg["feature_dim"], teacher_dim)
+    device = torch.device(args.device)
+    distiller = Distiller(model, criterion).to(device)
+
+    optimizer = torch.optim.AdamW(param_groups(distiller, args.weight_decay), lr=args.lr, betas=(0.9, 0.98))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_factory(args))
+    dtype = amp_dtype(args)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    state = {"step": 0, "batches": 0, "bad_steps": 0, "bad_total": 0, "best_r1": -1.0}
+    if ckpt:
+        model.load_state_dict(ckpt["model"])
+        criterion.load_state_dict(ckpt["criterion"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        state.update(ckpt.get("state", {}))
+        state["step"] = int(ckpt["step"])
+        rng = ckpt.get("rng") or {}
+        if "torch" in rng:
+            torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(list(rng["cuda"]))
+        log.info(f"Resumed from {resume_path} at iteration {state['step']}")
+
+    n_params = sum(p.numel() for p in model.parameters())
+    if is_main(args):
+        atomic_write_text(run_dir / "args.json", json.dumps(vars(args), indent=2, default=str))
+        log.info(f"run: {run_dir}  train images: {len(train_idx)}  test images: {len(test_idx)}  "
+                 f"teacher: {cache.manifest.get('teacher')} (dim {teacher_dim})  student params: {n_params/1e6:.2f}M  "
+                 f"device: {args.device} x{args.world_size}  amp: {dtype}")
+
+    train_module = distiller
+    if args.compile:
+        train_module = torch.compile(distiller)
+    if args.distributed:
+        train_module = nn.parallel.DistributedDataParallel(
+            train_module, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False,  # the identity memory is already identical on every rank (global enqueue)
+            find_unused_parameters=False)
+
+    writer = None
+    if is_main(args):
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(run_dir))
+    ctx = {"hist": {}, "data_time": 0.0, "compute_time": 0.0}
+    bpe = sampler.batches_per_epoch
+    t_start, step_start = time.time(), state["step"]
+
+    def save(tag_best=False):
+        if not is_main(args):
+            return
+        obj = {"model": model.state_dict(), "criterion": criterion.state_dict(), "optimizer": optimizer.state_dict(),
+               "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": state["step"],
+               "args": json.loads(json.dumps(vars(args), default=str)), "model_cfg": model_cfg,
+               "state": {k: v for k, v in state.items() if k != "step"},
+               "rng": {"torch": torch.get_rng_state(),
+                       **({"cuda": torch.stack(torch.cuda.get_rng_state_all())} if torch.cuda.is_available() else {})}}
+        path = run_dir / f"{state['step']}.pt"
+        log.info(f"Saving checkpoint to {path}")
+        save_checkpoint(path, obj)
+        link_or_copy_atomic(path, run_dir / "last.pt")
+        if tag_best:
+            link_or_copy_atomic(path, run_dir / "best.pt")
+        prune_checkpoints(run_dir, args.keep_checkpoints)
+
+    distiller.train()
+    while state["step"] < args.iters:
+        # position the sampler by batches consumed (skipped non-finite steps consume a batch too)
+        epoch, start_batch = divmod(state["batches"], bpe)
+        sampler.set_epoch(epoch, start_batch)
+        ds.set_epoch(epoch)
+        before = state["batches"]
+        train_one_epoch(args, state, make_loader(args, ds, sampler), train_module, optimizer, scheduler, scaler,
+                        writer, ctx)
+        if state["batches"] == before:
+            raise SystemExit("error: the training loader produced no batch; check --batch_size and the data")
+        step = state["step"]
+        is_best = False
+        if step > 0 and ((args.eval_every and step % args.eval_every == 0) or step >= args.iters):
+            if is_main(args):
+                distiller.eval()
+                head = evaluate_heldout(args, model, records, test_idx)
+                distiller.train()
+                if head:
+                    log.info(f"Eval Iter:{step}| " + " ".join(f"{k}: {v:.4f}" for k, v in head.items()))
+                    for k, v in head.items():
+                        writer.add_scalar(f"eval/{k}", v, step)
+                    if head.get("r1", -1) > state["best_r1"]:
+                        state["best_r1"], is_best = head["r1"], True
+            if args.distributed:
+                dist.barrier()
+        if step > 0 and (step % args.save_every == 0 or step >= args.iters or is_best):
+            save(tag_best=is_best)
+
+    if is_main(args):
+        secs = time.time() - t_start
+        steps = state["step"] - step_start
+        busy = ctx["data_time"] + ctx["compute_time"]
+        log.info(f"done: {steps} steps in {secs:.1f}s ({steps / max(secs, 1e-9):.2f} steps/s); data wait "
+                 f"{100 * ctx['data_time'] / max(busy, 1e-9):.1f}% of the loop; non-finite steps skipped: "
+                 f"{state['bad_total']}; checkpoints in {run_dir}")
+        writer.close()
+    if args.distributed:
+        dist.destroy_process_group()
+    return run_dir
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser("main.py", parents=[opts.get_args_parser()], description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    main(parser.parse_args())

@@ -1,0 +1,126 @@
+"""The student: image tower (CNN backbone + linear projection) and character text tower, both L2-normalised
+into one feature_dim space. With text_only there is no image tower and feature_dim = the teacher's dim, so
+the student text model searches galleries enrolled with the teacher's image encoder.
+
+    cfg = default_model_cfg(args, teacher_dim=1152, teacher_name="google/siglip2-so400m-patch16-512")
+    model = build_model(cfg)                 # cfg is plain JSON; checkpoints store it and rebuild from it alone
+    img, txt = model(images, ids, mask)      # [B, D] each, unit norm (img is None when text_only)
+
+No logit scale here: the losses own their temperatures.
+"""
+import json
+
+import torch.nn as nn
+
+from backbone import create_backbone
+from search.charmap import CHARMAP_VERSION, DEFAULT_VOCAB_SIZE
+from text_encoder import create_text_encoder
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_REQUIRED = ("backbone", "text_backbone", "feature_dim", "image_size", "max_seq_length", "vocab_size",
+             "embed_dim", "text_only", "teacher_dim", "teacher_name", "mean", "std", "charmap_version")
+
+
+def _parse_size(v):
+    """[H, W] from (224, 112), "224x112", "224,112" or 224 (square)."""
+    if isinstance(v, str):
+        v = [int(s) for s in v.lower().replace("x", ",").split(",") if s.strip()]
+    if isinstance(v, int):
+        v = [v, v]
+    v = [int(s) for s in v]
+    if len(v) != 2 or min(v) < 32:
+        raise ValueError(f"image_size must be H,W with both >= 32 (backbones have stride 32), got {v}")
+    return v
+
+
+def _parse_kwargs(v):
+    """Backbone kwargs as a dict, also from a JSON string on the command line ('{"width_mult": 0.75}')."""
+    v = json.loads(v) if isinstance(v, str) else dict(v)
+    if not isinstance(v, dict):
+        raise ValueError(f"backbone_kwargs must be a JSON object, got {v!r}")
+    return v
+
+
+def default_model_cfg(args, teacher_dim, teacher_name=""):
+    """Model cfg (plain JSON-able dict) from an argparse Namespace or a dict; missing keys take defaults."""
+    get = args.get if isinstance(args, dict) else (lambda k, d=None: getattr(args, k, d))
+
+    def opt(k, d):
+        v = get(k, None)
+        return d if v is None else v
+
+    text_only = bool(opt("text_only", False))
+    if text_only and not teacher_dim:
+        raise ValueError("text_only needs the teacher dim (the student text model lives in the teacher's space)")
+    return {
+        "backbone": opt("backbone", "mobile_small"),
+        "backbone_kwargs": _parse_kwargs(opt("backbone_kwargs", {})),  # architecture only, never a weights path
+        "text_backbone": opt("text_backbone", "char_small"),
+        "feature_dim": int(teacher_dim if text_only else opt("feature_dim", 512)),
+        "image_size": _parse_size(opt("image_size", [224, 112])),
+        "max_seq_length": int(opt("max_seq_length", 64)),
+        "vocab_size": int(opt("vocab_size", DEFAULT_VOCAB_SIZE)),
+        "embed_dim": int(opt("embed_dim", 256)),
+        "text_only": text_only,
+        "teacher_dim": int(teacher_dim) if teacher_dim else None,
+        "teacher_name": str(teacher_name or ""),
+        "mean": [float(x) for x in opt("mean", IMAGENET_MEAN)],
+        "std": [float(x) for x in opt("std", IMAGENET_STD)],
+        "charmap_version": CHARMAP_VERSION,
+    }
+
+
+def l2norm(x):
+    # explicit Mul/ReduceSum/Sqrt/Div rather than F.normalize (ReduceL2/Expand): simpler for NPU exporters
+    return x / (x * x).sum(dim=-1, keepdim=True).clamp(min=1e-12).sqrt()
+
+
+class PersonSearchModel(nn.Module):
+    def __init__(self, cfg, backbone_weights=None):
+        super().__init__()
+        missing = [k for k in _REQUIRED if k not in cfg]
+        if missing:
+            raise ValueError(f"model cfg lacks {missing}")
+        if cfg["charmap_version"] != CHARMAP_VERSION:
+            raise ValueError(f"model was trained with character mapping {cfg['charmap_version']!r}, "
+                             f"this code implements {CHARMAP_VERSION!r}")
+        if cfg["text_only"] and cfg["feature_dim"] != cfg["teacher_dim"]:
+            raise ValueError("text_only requires feature_dim == teacher_dim")
+        self.cfg = dict(cfg)
+        self.text_only = bool(cfg["text_only"])
+        self.feature_dim = int(cfg["feature_dim"])
+        if not self.text_only:
+            kw = dict(cfg.get("backbone_kwargs") or {})
+            if backbone_weights:  # ImageNet init at the start of training; not part of the cfg
+                kw["weights_path"] = backbone_weights
+            self.backbone = create_backbone(cfg["backbone"], **kw)
+            # Linear only (no BN): the head must behave the same at batch 1 and after export
+            self.image_head = nn.Linear(self.backbone.num_features, self.feature_dim)
+        self.text_encoder = create_text_encoder(cfg["text_backbone"], out_dim=self.feature_dim,
+                                                max_seq_length=cfg["max_seq_length"],
+                                                vocab_size=cfg["vocab_size"], embed_dim=cfg["embed_dim"])
+
+    def encode_image(self, images):
+        if self.text_only:
+            raise RuntimeError("text_only model has no image tower")
+        return l2norm(self.image_head(self.backbone(images)))
+
+    def encode_text(self, ids, mask):
+        return l2norm(self.text_encoder(ids, mask))
+
+    def encode_text_embedded(self, x, mask):
+        return l2norm(self.text_encoder.forward_embedded(x, mask))
+
+    def forward(self, images, ids, mask):
+        img = None if self.text_only or images is None else self.encode_image(images)
+        return img, self.encode_text(ids, mask)
+
+    def no_weight_decay(self):
+        return {"text_encoder.pos_embed"}
+
+
+def build_model(model_cfg: dict, backbone_weights=None) -> PersonSearchModel:
+    """Rebuild from the cfg alone (checkpoint['model_cfg']); backbone_weights only for a fresh ImageNet init."""
+    return PersonSearchModel(model_cfg, backbone_weights=backbone_weights)

@@ -1,0 +1,188 @@
+"""Text -> person search over an enrolled collection, from the command line (and the `Searcher` class).
+
+    cd search
+    python api.py --image-root xm_images --image_feature collection/person_features_features.npy \
+        --image_metadata collection/person_features_metadata.json \
+        --queries "a girl wearing red coat" "a man wearing a gray pants" --top-n 2 --model_dir ../export
+    # from the repo root, a machine-readable answer:
+    python search/api.py --image-root xm_images --image_feature collection/person_features_features.npy \
+        --text-model export/model_text.onnx --queries "穿红色外套的女孩" --top-n 5 --json
+
+Prints, per query (time = text encoding + index search):
+    ----------
+    Query: 'a girl wearing red coat'
+    	Search completed in 0.0012 seconds.
+    1. Score: 0.3819
+       Image: xm_images/20250307172329_05dc54fb.png
+       BBox: [393, 186, 477, 471]
+`--image_metadata` defaults to the partner of `--image_feature` (P_features.npy -> P_metadata.json). The text
+model is found by --model_dir, else the folder of --text-model, else the current directory. Exit status 2 with
+one `error: ...` line on unusable input (missing files, row/dim mismatch between features, metadata and model).
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+
+from search.collection import CollectionError, load_collection, metadata_for, prefix_from_features  # noqa: E402
+from search.engine import ExportError, TextEncoder  # noqa: E402
+from search.index import INDEX_TYPES, get_index  # noqa: E402
+
+DEFAULT_FEATURES = "collection/person_features_features.npy"
+
+
+def get_data_args_parser(add_help=False):
+    """Flags shared by api.py, app_onnx.py and app_siglip.py (seed spellings + snake_case twins)."""
+    p = argparse.ArgumentParser("search data", add_help=add_help)
+    p.add_argument("--image-root", "--image_root", dest="image_root", default="",
+                   help="folder the metadata's image paths are relative to")
+    p.add_argument("--image_feature", "--image-feature", dest="image_feature", default=DEFAULT_FEATURES)
+    p.add_argument("--image_metadata", "--image-metadata", dest="image_metadata", default=None,
+                   help="default: the partner of --image_feature (P_features.npy -> P_metadata.json)")
+    p.add_argument("--index", default="auto", choices=INDEX_TYPES)
+    p.add_argument("--ef_search", type=int, default=None, help="HNSW efSearch (default 128)")
+    p.add_argument("--nprobe", type=int, default=None, help="IVF lists probed (default nlist/8)")
+    p.add_argument("--no_save_index", action="store_true", help="do not write a (re)built index next to the features")
+    p.add_argument("--threads", type=int, default=None, help="text model threads (default 1)")
+    p.add_argument("--search_threads", type=int, default=None,
+                   help="faiss threads per search (default 1; raise for multi-million-row flat galleries)")
+    return p
+
+
+def get_onnx_model_args_parser(add_help=False):
+    p = argparse.ArgumentParser("onnx text model", add_help=add_help)
+    p.add_argument("--text-model", "--text_model", dest="text_model", default=None,
+                   help="path of model_text.onnx (model_info.json and input_embeddings.pt.npy beside it)")
+    p.add_argument("--model_dir", "--model-dir", dest="model_dir", default=None, help="export folder")
+    return p
+
+
+def get_args_parser(add_help=True):
+    p = argparse.ArgumentParser("api", parents=[get_data_args_parser(), get_onnx_model_args_parser()],
+                                add_help=add_help, description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--queries", nargs="+", default=None, help="one or more text queries")
+    p.add_argument("--top-n", "--top_n", dest="top_n", type=int, default=10)
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of the text report")
+    return p
+
+
+def display(text, limit=200):
+    """A query as printed: control characters escaped (no terminal escape injection), long ones shortened."""
+    s = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+    return s if len(s) <= limit else s[:limit] + f"... ({len(text)} characters)"
+
+
+class Searcher:
+    """An encoder (`.encode(texts) -> [B,D]`, `.dim`, `.truncation(text)`, `.space`) over one collection.
+
+        s = Searcher(TextEncoder(model_dir="export"), "collection/p_features.npy", image_root="xm_images")
+        s.search("a man in a red coat", top_n=5) -> {"query", "time_s", "notes", "results": [
+            {"rank", "score", "row", "image", "path", "bbox", "source"}, ...]}
+    """
+
+    def __init__(self, encoder, features_path, metadata_path=None, image_root="", index="auto", ef_search=None,
+                 nprobe=None, save_index=True, log=None, search_threads=None):
+        self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+        self.encoder = encoder
+        self.image_root = image_root or ""
+        self.collection = load_collection(features_path, metadata_path or metadata_for(features_path))
+        c = self.collection
+        if encoder.dim != c.dim:
+            raise CollectionError(f"the text model makes {encoder.dim}-dim embeddings but {features_path} holds "
+                                  f"{c.dim}-dim features (enrolled with {c.model.get('kind', '?')} "
+                                  f"{c.model.get('space') or c.model.get('teacher') or ''}); use the matching model")
+        self.warnings = []
+        space = c.model.get("space")
+        if space and getattr(encoder, "space", None) and space != encoder.space \
+                and not space.endswith(":unknown") and not encoder.space.endswith(":unknown"):
+            self.warnings.append(f"warning: the collection was enrolled in space '{space}' but the text model "
+                                 f"embeds into '{encoder.space}'; scores may be meaningless")
+        for w in self.warnings:
+            self.log(w)
+        self.index = get_index(c.features, prefix_from_features(features_path), index, save=save_index,
+                               ef_search=ef_search, nprobe=nprobe, log=self.log, search_threads=search_threads)
+
+    def __len__(self):
+        return len(self.collection)
+
+    def search(self, query, top_n=10):
+        if not isinstance(query, str):
+            raise TypeError("query must be a str")
+        top_n = max(1, int(top_n))
+        notes = []
+        kept, n = self.encoder.truncation(query)
+        t0 = time.perf_counter()
+        if n == 0:
+            notes.append("empty query: nothing to search for")
+            results = []
+        else:
+            if kept < n:
+                notes.append(f"query truncated to its first {kept} of {n} characters (the text model's "
+                             f"max_seq_length is {kept + 1} tokens including [CLS])")
+            q = self.encoder.encode([query])
+            scores, rows = self.index.search(q, top_n)
+            results = []
+            for rank, (s, r) in enumerate(zip(scores[0].tolist(), rows[0].tolist()), 1):
+                it = self.collection.items[r]
+                results.append({"rank": rank, "score": float(s), "row": int(r), "image": it["image"],
+                                "path": os.path.join(self.image_root, it["image"]) if self.image_root
+                                else it["image"], "bbox": it.get("bbox"), "source": it.get("source")})
+        return {"query": query, "time_s": time.perf_counter() - t0, "notes": notes, "results": results}
+
+
+def format_result(res):
+    """The seed's text report for one query."""
+    lines = ["----------", f"Query: '{display(res['query'])}'"]
+    for n in res["notes"]:
+        lines.append(f"\tNote: {n}")
+    lines.append(f"\tSearch completed in {res['time_s']:.4f} seconds.")
+    for r in res["results"]:
+        b = r["bbox"]
+        lines.append(f"{r['rank']}. Score: {r['score']:.4f}")
+        lines.append(f"   Image: {r['path']}")
+        lines.append(f"   BBox: {[int(round(v)) for v in b] if b is not None else 'None (whole image)'}")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def fail(msg):
+    print(f"error: {msg}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def main(args):
+    try:
+        sys.stdout.reconfigure(errors="backslashreplace")  # never die printing a Chinese/emoji query to ASCII
+    except (AttributeError, ValueError):
+        pass
+    if not args.queries:
+        fail("pass at least one query: --queries \"a man in a red coat\" ...")
+    if args.top_n < 1:
+        fail(f"--top-n must be >= 1, got {args.top_n}")
+    try:
+        enc = TextEncoder(args.model_dir, args.text_model, threads=args.threads)
+        s = Searcher(enc, args.image_feature, args.image_metadata, args.image_root, args.index, args.ef_search,
+                     args.nprobe, save_index=not args.no_save_index, search_threads=args.search_threads)
+    except (CollectionError, ExportError) as e:
+        fail(e)
+    s.search("warm-up", 1)  # first ORT run allocates; keep it out of the reported times
+    results = [s.search(q, args.top_n) for q in args.queries]
+    if args.json:
+        doc = {"collection": {"features": args.image_feature, "rows": len(s), "dim": s.collection.dim,
+                              "model": s.collection.model, "index": s.index.kind},
+               "text_model": enc.name, "warnings": s.warnings, "queries": results}
+        print(json.dumps(doc, ensure_ascii=False, indent=1))
+    else:
+        for r in results:
+            print(format_result(r))
+    return results
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

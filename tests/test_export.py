@@ -1,0 +1,287 @@
+"""checkpoint.py + export_model.py: tiny untrained models (no training needed), CPU only, ~1 min.
+
+    python3 -m pytest -q tests/test_export.py
+
+Everything the export claims is re-checked here independently: fresh ONNX Runtime sessions on the written
+files against the PyTorch model rebuilt from the checkpoint, the text path exactly as search/ runs it
+(search.charmap.encode_batch + numpy lookup into input_embeddings.pt.npy), dynamic B and L, no Gather on a
+graph input, int8 size/cosine, refusals with exit code 2 and one stderr line.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import export_model  # noqa: E402
+from checkpoint import CheckpointError, is_student_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
+from model import build_model, default_model_cfg  # noqa: E402
+from search import charmap  # noqa: E402
+from search.engine import preprocess  # noqa: E402
+
+MAX_LEN, VOCAB, EMB, DIM = 24, 1024, 32, 48
+# Chinese, emoji (incl. ZWJ sequences), rare CJK extension B, scripts a person-caption dataset never has
+TEXTS = ["a man in a blue coat with a black backpack", "穿红色外套和黑色裤子的女人，背着包",
+         "girl 👧🏻 with an umbrella ☂️ 雨伞", "𠀋𪚥 ꙮ 𓀀 ᚠᛇᚻ Ωμέγα ⵣ 🧑‍🚀"]
+
+
+def _cfg(**kw):
+    a = dict(backbone="repconv_tiny", text_backbone="char_tiny", feature_dim=DIM, image_size=[64, 32],
+             max_seq_length=MAX_LEN, vocab_size=VOCAB, embed_dim=EMB)
+    a.update(kw)
+    return default_model_cfg(a, teacher_dim=DIM, teacher_name="toy/teacher")
+
+
+def _make_ckpt(path, **kw):
+    torch.manual_seed(0)
+    model = build_model(_cfg(**kw))
+    with torch.no_grad():  # non-trivial BN statistics and biases so that folding has something to get wrong
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+            elif isinstance(m, torch.nn.Linear):
+                m.bias.normal_(0, 0.02)
+    save_checkpoint(path, {"model": model.state_dict(), "model_cfg": model.cfg, "optimizer": {}, "scaler": {},
+                           "scheduler": {}, "step": 0, "args": {}, "rng": {"torch": torch.get_rng_state()},
+                           "criterion": {}})
+    return path
+
+
+def _args(ckpt, out, *extra):
+    p = argparse.ArgumentParser(parents=[export_model.get_args_parser()])
+    return p.parse_args([str(ckpt), str(out), *extra])
+
+
+def _torch_model(ckpt):
+    d = load_checkpoint(ckpt)
+    m = build_model(d["model_cfg"])
+    m.load_state_dict(d["model"])
+    return m.eval()
+
+
+def _sess(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _cos_min(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min())
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    d = tmp_path_factory.mktemp("export")
+    ckpt = _make_ckpt(d / "student.pt")
+    out = d / "out"
+    export_model.main(_args(ckpt, out, "--int8", "--batch_check", "3"))
+    return ckpt, out
+
+
+# ------------------------------------------------------------------------------------------------ checkpoint.py
+def test_checkpoint_atomic_roundtrip_and_refusals(tmp_path):
+    p = tmp_path / "c.pt"
+    obj = {"model": {"w": torch.ones(2)}, "model_cfg": {"image_size": [64, 32]}, "step": 3, "args": {"lr": 1e-3},
+           "rng": {"torch": torch.get_rng_state()}}
+    save_checkpoint(p, obj)
+    assert os.listdir(tmp_path) == ["c.pt"]  # no tmp file left behind
+    d = load_checkpoint(p)
+    assert d["step"] == 3 and torch.equal(d["model"]["w"], torch.ones(2)) and is_student_checkpoint(d)
+    # values weights_only loading would refuse are caught at save time, naming the key; the old file survives
+    with pytest.raises(CheckpointError, match=r"\['args'\].*Namespace"):
+        save_checkpoint(p, {**obj, "args": argparse.Namespace(lr=1)})
+    with pytest.raises(CheckpointError, match=r"\['x'\]\[1\].*numpy"):
+        save_checkpoint(p, {**obj, "x": [1, np.float64(2.0)]})
+    assert load_checkpoint(p)["step"] == 3 and os.listdir(tmp_path) == ["c.pt"]
+    # every unusable file is one line
+    (tmp_path / "t.txt").write_text("hello")
+    torch.save({"a": torch.zeros(1)}, tmp_path / "sd.pt")
+    torch.save({"model": {"a": torch.zeros(1)}, "args": argparse.Namespace(a=1), "model_cfg": {}}, tmp_path / "ns.pt")
+    raw = p.read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(raw[: len(raw) // 2])
+    for name, pat in [("missing.pt", "no such"), ("t.txt", "not a PyTorch"), ("sd.pt", "bare state_dict"),
+                      ("ns.pt", "argparse.Namespace"), ("trunc.pt", "corrupt or truncated")]:
+        with pytest.raises(CheckpointError, match=pat) as e:
+            load_checkpoint(tmp_path / name)
+        assert "\n" not in str(e.value)
+    assert isinstance(CheckpointError("x"), ValueError)
+
+
+# ------------------------------------------------------------------------------------------------ export
+def test_files_and_model_info(exported):
+    _, out = exported
+    names = sorted(os.listdir(out))
+    assert names == ["input_embeddings.pt.npy", "model_image.int8.onnx", "model_image.onnx", "model_info.json",
+                     "model_text.int8.onnx", "model_text.onnx"]  # and no tmp leftovers
+    info = json.loads((out / "model_info.json").read_text())
+    assert info == {"format_version": 1, "image_size": [64, 32], "mean": [0.485, 0.456, 0.406],
+                    "std": [0.229, 0.224, 0.225], "max_seq_length": MAX_LEN, "vocab_size": VOCAB,
+                    "embed_dim": EMB, "charmap_version": charmap.CHARMAP_VERSION, "feature_dim": DIM,
+                    "teacher_space": False, "teacher": "toy/teacher", "backbone": "repconv_tiny",
+                    "text_backbone": "char_tiny", "image_model": "model_image.onnx",
+                    "text_model": "model_text.onnx", "input_embeddings": "input_embeddings.pt.npy"}
+    table = np.load(out / "input_embeddings.pt.npy", allow_pickle=False)
+    assert table.dtype == np.float32 and table.shape == (VOCAB, EMB)
+
+
+def test_graph_contract(exported):
+    _, out = exported
+    img = onnx.load(out / "model_image.onnx")
+    txt = onnx.load(out / "model_text.onnx")
+
+    def dims(v):
+        return [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+    assert [i.name for i in img.graph.input] == ["image"] and [o.name for o in img.graph.output] == ["embedding"]
+    b, c, h, w = dims(img.graph.input[0])
+    assert isinstance(b, str) and (c, h, w) == (3, 64, 32)
+    assert [i.name for i in txt.graph.input] == ["text_embeds", "text_mask"]
+    (b1, l1, e), (b2, l2) = dims(txt.graph.input[0]), dims(txt.graph.input[1])
+    assert isinstance(b1, str) and isinstance(l1, str) and e == EMB and (b1, l1) == (b2, l2)
+    assert all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for i in txt.graph.input)
+    # the lookup stays outside: no Gather reads a graph input, as data or indices (Shape->Gather is fine)
+    ins = {i.name for i in txt.graph.input}
+    assert not [n for n in txt.graph.node if n.op_type.startswith("Gather") and set(n.input) & ins]
+    assert export_model.gathers_on_inputs(txt) == []
+    # and the repconv branches were folded: one Conv per RepConv, no BatchNormalization
+    ops = {n.op_type for n in img.graph.node}
+    assert "BatchNormalization" not in ops and "Conv" in ops
+
+
+def test_gather_check_is_not_vacuous(tmp_path):
+    """An Embedding on a graph input must be detected (guards the assertion above against passing trivially):
+    it exports as Gather(data=table initializer, indices=graph input)."""
+    emb = torch.nn.Embedding(10, 4).eval()
+    f = tmp_path / "e.onnx"
+    with pytest.warns(DeprecationWarning):  # the TorchScript exporter announces its deprecation
+        torch.onnx.export(emb, (torch.zeros(1, 3, dtype=torch.long),), str(f), dynamo=False, input_names=["ids"],
+                          output_names=["embedding"])
+    g = onnx.load(f)
+    assert [n.op_type for n in g.graph.node] == ["Gather"] and g.graph.node[0].input[1] == "ids"
+    assert export_model.gathers_on_inputs(g)
+
+
+def test_image_parity_batch_1_and_3(exported):
+    ckpt, out = exported
+    model = _torch_model(ckpt)  # unfolded, straight from the checkpoint
+    info = json.loads((out / "model_info.json").read_text())
+    imgs = [im for _, im in export_model.synthetic_images(3, seed=7)]
+    x = np.stack([preprocess(im, None, info["image_size"], info["mean"], info["std"]) for im in imgs])
+    sess = _sess(out / "model_image.onnx")
+    for b in (1, 3):
+        got = sess.run(["embedding"], {"image": x[:b]})[0]
+        ref = model.encode_image(torch.from_numpy(x[:b])).detach().numpy()
+        assert got.shape == (b, DIM)
+        assert np.abs(got - ref).max() < 1e-4 and _cos_min(got, ref) >= 0.9999
+        assert np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-4)
+
+
+def test_text_parity_search_path_dynamic_b_and_l(exported):
+    ckpt, out = exported
+    model = _torch_model(ckpt)
+    table = np.load(out / "input_embeddings.pt.npy", allow_pickle=False)
+    ids, mask = charmap.encode_batch(TEXTS, max_len=MAX_LEN, vocab_size=VOCAB)
+    # the never-seen characters really land in the hashed rows (beyond the direct Latin range)
+    assert (ids[3][mask[3]][1:] >= 0x253).all()
+    sess = _sess(out / "model_text.onnx")
+    outs = {}
+    for L in (MAX_LEN, 10):
+        for b in (1, len(TEXTS)):
+            x = charmap.lookup(table, ids[:b, :L])  # exactly what search/ feeds the graph
+            got = sess.run(["embedding"], {"text_embeds": x, "text_mask": mask[:b, :L].astype(np.float32)})[0]
+            ref = model.encode_text(torch.from_numpy(ids[:b, :L]), torch.from_numpy(mask[:b, :L])).detach().numpy()
+            assert got.shape == (b, DIM)
+            assert _cos_min(got, ref) >= 0.9999 and np.abs(got - ref).max() < 1e-4, (L, b)
+            outs[(L, b)] = got
+    # L really changes the input (truncation), so the two L runs are not the same computation twice
+    assert not np.allclose(outs[(MAX_LEN, len(TEXTS))][0], outs[(10, len(TEXTS))][0], atol=1e-3)
+
+
+def test_int8_smaller_and_close(exported):
+    ckpt, out = exported
+    model = _torch_model(ckpt)
+    for name in ("model_image", "model_text"):
+        assert (out / f"{name}.int8.onnx").stat().st_size < 0.6 * (out / f"{name}.onnx").stat().st_size
+    table = np.load(out / "input_embeddings.pt.npy")
+    ids, mask = charmap.encode_batch(TEXTS, max_len=MAX_LEN, vocab_size=VOCAB)
+    got = _sess(out / "model_text.int8.onnx").run(
+        ["embedding"], {"text_embeds": charmap.lookup(table, ids), "text_mask": mask.astype(np.float32)})[0]
+    assert _cos_min(got, model.encode_text(torch.from_numpy(ids), torch.from_numpy(mask)).detach().numpy()) >= 0.98
+    x = np.stack([preprocess(im, None, (64, 32), export_model.IMAGENET_MEAN, export_model.IMAGENET_STD)
+                  for _, im in export_model.synthetic_images(2, seed=3)])
+    got = _sess(out / "model_image.int8.onnx").run(["embedding"], {"image": x})[0]
+    assert _cos_min(got, model.encode_image(torch.from_numpy(x)).detach().numpy()) >= 0.98
+
+
+def test_text_only_exports_without_image_graph(tmp_path, capsys):
+    ckpt = _make_ckpt(tmp_path / "to.pt", text_only=True)
+    out = tmp_path / "out"
+    export_model.main(_args(ckpt, out, "--batch_check", "2", "--fp16"))
+    assert sorted(os.listdir(out)) == ["input_embeddings.pt.npy", "model_info.json", "model_text.fp16.onnx",
+                                       "model_text.onnx"]
+    info = json.loads((out / "model_info.json").read_text())
+    assert info["image_model"] is None and info["teacher_space"] is True and info["feature_dim"] == DIM
+    printed = capsys.readouterr().out
+    assert f'export to "{out / "model_text.onnx"}" OK.' in printed and "Simplified Model" in printed
+    # fp16 variant: float32 I/O kept, close to PyTorch
+    model = _torch_model(ckpt)
+    ids, mask = charmap.encode_batch(TEXTS, max_len=MAX_LEN, vocab_size=VOCAB)
+    sess = _sess(out / "model_text.fp16.onnx")
+    got = sess.run(["embedding"], {"text_embeds": charmap.lookup(np.load(out / "input_embeddings.pt.npy"), ids),
+                                   "text_mask": mask.astype(np.float32)})[0]
+    assert got.dtype == np.float32
+    assert _cos_min(got, model.encode_text(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()) >= 0.999
+
+
+def test_refuses_non_student_in_process(tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not a model")
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    good = load_checkpoint(_make_ckpt(tmp_path / "good.pt"))
+    good["model_cfg"] = {**good["model_cfg"], "feature_dim": DIM * 2}  # weights no longer fit the cfg
+    save_checkpoint(tmp_path / "mismatch.pt", good)
+    for f, pat in [("notes.txt", "not a PyTorch checkpoint"), ("tensor.pt", "not a student checkpoint"),
+                   ("mismatch.pt", "weights do not match")]:
+        with pytest.raises(SystemExit) as e:
+            export_model.main(_args(tmp_path / f, tmp_path / "out"))
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and pat in err and "\n" not in err, err
+    assert not (tmp_path / "out").exists()  # nothing written for a refused checkpoint
+
+
+def test_cli_refuses_plain_state_dict(tmp_path):
+    f = tmp_path / "plain_state_dict.pt"
+    torch.save(torch.nn.Linear(2, 2).state_dict(), f)
+    r = subprocess.run([sys.executable, str(ROOT / "export_model.py"), str(f), str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "not a student checkpoint" in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_verification_catches_a_wrong_graph(exported, tmp_path):
+    """The ORT check fails loudly: feeding it references from a different model must be reported."""
+    _, out = exported
+    x = np.random.RandomState(0).randn(2, 3, 64, 32).astype(np.float32)
+    wrong_ref = np.random.RandomState(1).randn(2, DIM).astype(np.float32)
+    _, _, err = export_model.verify((out / "model_image.onnx").read_bytes(), [("x", {"image": x}, wrong_ref)],
+                                    0.9999, 1e-4, "model_image.onnx")
+    assert err and "differs from PyTorch" in err
+
+
+def test_verification_images_from_dataset(synth_data):
+    x, src = export_model.verification_images({"data": synth_data}, _cfg(), 3)
+    assert x.shape == (3, 3, 64, 32) and x.dtype == np.float32 and "images from" in src
+    x, src = export_model.verification_images({"data": "/nonexistent/d.json"}, _cfg(), 2)
+    assert x.shape == (2, 3, 64, 32) and "synthetic" in src and "not found" in src

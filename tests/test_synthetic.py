@@ -1,0 +1,224 @@
+"""Synthetic SYNTH-PEDES data (tools/make_synthetic_pedes.py) and the caption composer (captions.py).
+    python3 -m pytest -q tests/test_synthetic.py
+"""
+import json
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import captions  # noqa: E402
+from tools import make_synthetic_pedes as msp  # noqa: E402
+from conftest import SYNTH_ARGS  # noqa: E402
+
+CJK = re.compile(r"[\u4e00-\u9fff]")
+COLOURS = list(msp.PALETTE) + ["blonde"]
+ATTRS = "woman,long black hair,red coat,blue jeans,white sneakers,black handbag"
+
+
+def _load(json_path):
+    return json.loads(Path(json_path).read_text(encoding="utf-8"))
+
+
+def _colours_in(text):
+    return {c for c in COLOURS if re.search(rf"\b{c}\b", text.lower())}
+
+
+def _files(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(Path(root).rglob("*.jpg"))}
+
+
+# ----------------------------------------------------------------------------- generator
+
+def test_deterministic_and_independent_of_ids(synth_data, tmp_path):
+    kw = dict(SYNTH_ARGS, ids=5)
+    a = msp.generate(tmp_path / "a", **kw)
+    b = msp.generate(tmp_path / "b", **kw)
+    assert a.read_bytes() == b.read_bytes()
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+    # id i does not depend on how many ids were made: the first 5 ids equal the fixture's (24 ids)
+    full = _load(synth_data)
+    assert _load(a) == [r for r in full if r["id"] < 5]
+    fa, ff = _files(tmp_path / "a"), _files(Path(synth_data).parent)
+    assert all(ff[k] == v for k, v in fa.items())
+    c = msp.generate(tmp_path / "c", **dict(kw, seed=1))
+    assert c.read_bytes() != a.read_bytes()
+    fc = _files(tmp_path / "c")
+    assert fc.keys() == fa.keys() and all(fc[k] != fa[k] for k in fa)
+
+
+def test_two_workers_match_one(tmp_path):
+    kw = dict(ids=50, images_per_id=4, seed=3, height=64, width=32)  # 200 images: the pool path
+    a = msp.generate(tmp_path / "a", workers=1, **kw)
+    b = msp.generate(tmp_path / "b", workers=2, **kw)
+    assert a.read_bytes() == b.read_bytes()
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+
+
+def test_format(synth_data):
+    recs = _load(synth_data)
+    root = Path(synth_data).parent
+    n_ids, k = SYNTH_ARGS["ids"], SYNTH_ARGS["images_per_id"]
+    assert len(recs) == n_ids * k
+    assert sorted({r["id"] for r in recs}) == list(range(n_ids))
+    for r in recs:
+        assert set(r) == {"id", "file_path", "attributes", "captions", "captions_zh", "prompt_caption"}
+        assert isinstance(r["id"], int) and r["file_path"].startswith(f"Part1/{r['id']}/")
+        assert len(r["attributes"].split(",")) == 6
+        assert 2 <= len(r["captions"]) <= 3 and len(r["captions_zh"]) == len(r["captions"])
+        assert len(set(r["captions"])) == len(r["captions"])
+        assert all(isinstance(c, str) and c.strip() for c in r["captions"] + r["captions_zh"])
+        assert isinstance(r["prompt_caption"], list) and len(r["prompt_caption"]) == 1
+        assert "unknown" not in " ".join(r["captions"] + r["prompt_caption"]).lower()
+        with Image.open(root / r["file_path"]) as im:
+            im.load()
+            assert im.format == "JPEG" and im.mode == "RGB"
+            assert im.size == (SYNTH_ARGS["width"], SYNTH_ARGS["height"])
+    # one identity keeps one attribute string; identities are mostly distinguishable
+    by_id = {}
+    for r in recs:
+        by_id.setdefault(r["id"], set()).add(r["attributes"])
+    assert all(len(v) == 1 for v in by_id.values())
+    assert len({next(iter(v)) for v in by_id.values()}) >= 0.8 * n_ids
+
+
+def test_no_zh_and_requested_size(tmp_path):
+    p = msp.generate(tmp_path, ids=2, images_per_id=2, seed=0, height=96, width=40, zh=False)
+    recs = _load(p)
+    assert all("captions_zh" not in r for r in recs)
+    assert Image.open(tmp_path / recs[0]["file_path"]).size == (40, 96)
+
+
+def test_captions_follow_attributes(synth_data):
+    recs = _load(synth_data)
+    covered = total = 0
+    for r in recs:
+        a = captions.parse_attributes(r["attributes"])
+        allowed = set().union(*(_colours_in(v) for v in a.values() if v))
+        for en, zh in zip(r["captions"], r["captions_zh"]):
+            assert _colours_in(en) <= allowed, (en, r["attributes"])  # no invented colours
+            assert CJK.search(zh)
+            for c in _colours_in(en):  # the Chinese caption is the translation: same colours
+                assert captions.ZH_VOCAB[c][1] in zh, (en, zh)
+        for f in ("upper", "lower", "shoes", "carried"):
+            if a[f]:
+                total += 1
+                covered += any(a[f] in en for en in r["captions"])
+        assert all(c in r["prompt_caption"][0] for c in allowed)  # the template caption names everything
+    assert covered >= 0.85 * total
+
+
+def test_images_of_one_id_differ(synth_data):
+    recs = _load(synth_data)
+    root = Path(synth_data).parent
+    for pid in range(4):
+        ims = [np.asarray(Image.open(root / r["file_path"]), dtype=np.float32) for r in recs if r["id"] == pid]
+        for i in range(len(ims)):
+            for j in range(i + 1, len(ims)):
+                assert np.abs(ims[i] - ims[j]).mean() > 5
+
+
+def test_upper_colour_is_in_the_image(synth_data):
+    """The torso of the saved JPEG shows the upper-garment colour the attributes name (the data's colour signal)."""
+    recs = _load(synth_data)
+    root = Path(synth_data).parent
+    names = list(msp.PALETTE)
+    pal = np.array([msp.PALETTE[n] for n in names], dtype=np.float32)
+    hits = n = 0
+    for r in recs:
+        ident = msp.make_identity(SYNTH_ARGS["seed"], r["id"])
+        assert ident["attributes"] == r["attributes"]
+        k = int(Path(r["file_path"]).stem)
+        _, info = msp.render_image(ident, SYNTH_ARGS["seed"], r["id"], k, SYNTH_ARGS["height"], SYNTH_ARGS["width"])
+        if info["upper_box"] is None:
+            continue
+        x0, y0, x1, y1 = info["upper_box"]
+        arr = np.asarray(Image.open(root / r["file_path"]).convert("RGB"), dtype=np.float32)
+        med = np.median(arr[y0:y1 + 1, x0:x1 + 1].reshape(-1, 3), axis=0)
+        pred = names[int(np.argmin(((pal - med) ** 2).sum(1)))]
+        hits += pred == ident["upper_colour"]
+        n += 1
+    assert n >= 0.8 * len(recs) and hits >= 0.9 * n, (hits, n)
+
+
+def test_bad_args_are_one_line(tmp_path):
+    script = str(ROOT / "tools" / "make_synthetic_pedes.py")
+    (tmp_path / "afile").write_text("x")
+    for extra in (["--ids", "0"], ["--seed", "-1"], ["--height", "8"], ["--out", str(tmp_path / "afile")]):
+        argv = ["--out", str(tmp_path / "o"), "--ids", "2"] + extra
+        p = subprocess.run([sys.executable, script] + argv, capture_output=True, text=True)
+        assert p.returncode != 0
+        assert p.stderr.strip().startswith("error:") and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+# ----------------------------------------------------------------------------- captions
+
+def test_parse_attributes_tolerant():
+    full = captions.parse_attributes(" Man , Black Hair,black shirt,pink shorts , black shoes,unknown")
+    assert full == {"gender": "man", "hair": "black hair", "upper": "black shirt", "lower": "pink shorts",
+                    "shoes": "black shoes", "carried": None}
+    short = captions.parse_attributes("woman,long hair")
+    assert short["hair"] == "long hair" and short["upper"] is None and short["carried"] is None
+    more = captions.parse_attributes("man,bald,red coat,unknown,black boots,black bag,red umbrella")
+    assert more["lower"] is None and "bag" in more["carried"] and "umbrella" in more["carried"]
+    assert captions.parse_attributes(full) == full
+    assert captions.parse_attributes(["man,black hair"])["hair"] == "black hair"
+
+
+def test_compose_varies_and_never_empty():
+    rng = random.Random(0)
+    caps = [captions.compose_caption(ATTRS, rng, "en") for _ in range(60)]
+    assert all(c.strip() for c in caps)
+    assert len(set(caps)) >= 40
+    assert len({c.split()[0] for c in caps}) >= 4  # several templates
+    order = {c.index("coat") < c.index("jeans") for c in caps if "coat" in c and "jeans" in c}
+    assert order == {True, False}  # random field order
+    assert sum("handbag" not in c for c in caps) >= 3  # random omissions...
+    values = [v for v in captions.parse_attributes(ATTRS).values()][1:]
+    assert all(any(v in c for v in values) for c in caps)  # ...but never all of them
+    words = set(" ".join(caps).lower().replace(".", " ").replace(",", " ").split())
+    assert len(words & {"woman", "lady", "girl", "she", "person", "pedestrian"}) >= 3
+    # a single known field survives every draw; nothing known still gives a sentence
+    one = [captions.compose_caption("man,unknown,unknown,unknown,unknown,red umbrella", rng) for _ in range(20)]
+    assert all("red umbrella" in c for c in one)
+    assert captions.compose_caption("unknown,unknown,unknown,unknown,unknown,unknown", rng).strip()
+    assert captions.compose_caption("", rng, "zh").strip()
+
+
+def test_chinese_is_the_translation():
+    for s in range(20):
+        en, zh = captions.compose_caption_pair(ATTRS, random.Random(s))
+        assert captions.compose_caption(ATTRS, random.Random(s), "en") == en
+        assert captions.compose_caption(ATTRS, random.Random(s), "zh") == zh
+        assert CJK.search(zh) and not re.search("[A-Za-z]", zh)  # everything here is in the dictionary
+        assert ("红色外套" in zh) == ("red coat" in en)
+        assert ("蓝色牛仔裤" in zh) == ("blue jeans" in en)
+        assert ("黑色长发" in zh) == ("long black hair" in en)
+        assert ("黑色手提包" in zh) == ("black handbag" in en)
+    assert captions.translate_phrase("light blue jeans") == "浅蓝色牛仔裤"
+    assert captions.translate_phrase("short-sleeved white shirt") == "白色短袖衬衫"
+
+
+def test_unknown_words_fall_back_to_english():
+    attrs = "man,zorblax hair,maroon glorpcoat,khaki trousers,unknown,unknown"
+    rng = random.Random(1)
+    for _ in range(20):
+        en, zh = captions.compose_caption_pair(attrs, rng)
+        assert en.strip() and CJK.search(zh)
+        if "glorpcoat" in en:
+            assert "maroon glorpcoat" in zh  # whole unknown phrase kept as is
+        if "khaki trousers" in en:
+            assert "卡其色长裤" in zh
+    assert captions.translate_phrase("maroon coat") == "maroon 外套"
+    try:
+        captions.compose_caption(attrs, rng, "fr")
+    except ValueError as e:
+        assert "lang" in str(e)
+    else:
+        raise AssertionError("lang='fr' accepted")

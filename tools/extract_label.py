@@ -1,0 +1,224 @@
+"""Embed a dataset with a teacher into the cache that distillation trains from (DESIGN §3, embedding_cache.py).
+
+Fields: image (the pixels; for the attribute teacher the ground-truth attributes), caption (caption_rows order;
+a non-multilingual teacher embeds zh rows through their English pivot_text), attributes and prompt_caption (rows
+of records that have them; the others stay not-done). Resumable: rows already done are skipped, and every batch
+is flushed and its done-mask saved atomically, so a kill -9 loses at most one batch.
+
+Single GPU (or CPU):
+  python tools/extract_label.py --data SYNTH-PEDES/synthpedes-dataset.json --embedding_path embeddings
+  python tools/extract_label.py --data data.json --embedding_path embeddings --teacher /models/siglip2-so400m-patch16-512
+Offline attribute teacher (packaged all-MiniLM-L6-v2, no download):
+  python tools/extract_label.py --data data.json --embedding_path embeddings --teacher attributes
+Several GPUs (rank r embeds rows i % world_size == r into the same memmaps, one node):
+  torchrun --nproc_per_node=4 tools/extract_label.py --data SYNTH-PEDES/synthpedes-dataset.json --embedding_path embeddings
+Custom-code teacher:
+  python tools/extract_label.py --data data.json --embedding_path emb_mexma --teacher visheratin/mexma-siglip2 --trust_remote_code
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+import data
+from embedding_cache import FIELDS, CacheMismatchError, EmbeddingCache, summary, verify
+from teachers import DEFAULT_TEACHER, TeacherLoadError, attribute_text, load_teacher
+
+
+def get_args_parser(add_help=True):
+    p = argparse.ArgumentParser("extract teacher embeddings", add_help=add_help)
+    p.add_argument("--data", required=True, help="dataset JSON (SYNTH-PEDES, CUHK-PEDES reid_raw.json, RSTPReid)")
+    p.add_argument("--embedding_path", default="embeddings", help="cache folder (created, or resumed)")
+    p.add_argument("--teacher", default=DEFAULT_TEACHER, help="hub id, local model folder, or attributes[:<dir>]")
+    p.add_argument("--image_root", default=None, help="image folder (default: the JSON's folder)")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--fields", default=",".join(FIELDS), help=f"comma list of {','.join(FIELDS)}")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (torchrun: cuda:LOCAL_RANK)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp16", "bf16", "fp32"],
+                   help="teacher precision; auto = bf16/fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--trust_remote_code", action="store_true", help="allow custom model code (mexma-siglip2)")
+    p.add_argument("--workers", type=int, default=4, help="image loading/preprocessing processes")
+    p.add_argument("--max_batches", type=int, default=0, help="stop after this many batches (0 = all); "
+                   "re-run to resume - for tests and for splitting a long extraction into slots")
+    return p
+
+
+class ImageRows(Dataset):
+    """(row, PIL image or None, status) for the image rows still to embed."""
+
+    def __init__(self, paths, rows):
+        self.paths, self.rows = paths, rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        row = self.rows[i]
+        img = data.load_image(self.paths[row])
+        if img is not None:
+            return row, img, "ok"
+        return row, None, "missing" if not os.path.isfile(self.paths[row]) else "corrupt"
+
+
+class CollateImages:
+    """Runs the teacher's preprocessing inside the worker, so the main process only feeds the GPU."""
+
+    def __init__(self, image_inputs):
+        self.image_inputs = image_inputs
+
+    def __call__(self, batch):
+        ok = [(r, im) for r, im, s in batch if s == "ok"]
+        n_missing = sum(s == "missing" for _, _, s in batch)
+        n_corrupt = sum(s == "corrupt" for _, _, s in batch)
+        inputs = self.image_inputs([im for _, im in ok]) if ok else None
+        return [r for r, _ in ok], inputs, n_missing, n_corrupt
+
+
+def field_inputs(field, records, cap_rows, teacher):
+    """{row: text} for text inputs, or {row: image path} for the image field of an image teacher. Rows that are
+    absent have nothing to embed (no attributes / prompt_caption) and stay not-done."""
+    if field == "caption":  # an English-only teacher embeds a zh caption through its parallel English one
+        return {i: (text if teacher.multilingual else pivot) for i, (_, _, text, pivot) in enumerate(cap_rows)}
+    if field == "image" and teacher.kind != "attributes":
+        return {i: r["image_path"] for i, r in enumerate(records)}
+    if field in ("image", "attributes"):  # the attribute teacher's image is the text of its attributes
+        return {i: attribute_text(r["attributes"]) for i, r in enumerate(records)
+                if r["attributes"] and attribute_text(r["attributes"])}
+    return {i: r["prompt_caption"] for i, r in enumerate(records) if r["prompt_caption"]}
+
+
+def embed_unique(teacher, texts):
+    """Embed each distinct text once: an English-only teacher sees every zh caption as its English pivot, which
+    sits in the same batch, so this halves the caption work there."""
+    pos = {}
+    idx = [pos.setdefault(t, len(pos)) for t in texts]
+    return teacher.embed_texts(list(pos))[idx]
+
+
+def main(args):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    fields = [f.strip() for f in args.fields.split(",") if f.strip()]
+    bad = [f for f in fields if f not in FIELDS]
+    if bad or not fields:
+        raise SystemExit(f"error: --fields {args.fields!r}: each must be one of {','.join(FIELDS)}")
+    if args.batch_size < 1 or args.workers < 0 or args.max_batches < 0:
+        raise SystemExit("error: --batch_size must be >= 1, --workers and --max_batches >= 0")
+    try:
+        records = data.load_records(args.data, args.image_root)
+        sha = data.dataset_hash(args.data)
+    except (data.DatasetError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+    cap_rows = data.caption_rows(records)
+    counts = dict(image=len(records), caption=len(cap_rows), attributes=len(records), prompt_caption=len(records))
+    try:  # a cache of other data or another teacher: refuse now, before loading a big model
+        verify(args.embedding_path, dict(dataset_sha256=sha, counts=counts, teacher=args.teacher))
+    except CacheMismatchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+    device = args.device
+    if world > 1:
+        if torch.cuda.is_available() and device in ("auto", "cuda"):
+            device = f"cuda:{local_rank}"
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if str(device).startswith("cuda") else "gloo")
+    try:
+        teacher = load_teacher(args.teacher, device, None if args.dtype == "auto" else args.dtype,
+                               args.trust_remote_code)
+    except TeacherLoadError as e:
+        raise SystemExit(f"error: {e}") from None
+    zh = "embedded directly" if teacher.multilingual else "embedded as pivot_text (the parallel English caption)"
+    manifest = dict(teacher=args.teacher, teacher_kind=teacher.kind, logit_scale=teacher.logit_scale,
+                    logit_bias=teacher.logit_bias, dataset=os.path.abspath(args.data), dataset_sha256=sha,
+                    multilingual=teacher.multilingual,
+                    preprocessing=dict(teacher.preprocessing, zh_captions=zh,
+                                       attributes="non-'unknown' fields joined with ', '"))
+    shard = rank if world > 1 else None
+    # rank 0 creates the files; the others open them after the barrier. Rank 0's verdict is broadcast so a
+    # refused cache stops every rank instead of leaving them waiting.
+    err, cache = None, None
+    if rank == 0:
+        try:
+            cache = EmbeddingCache.create(args.embedding_path, manifest, counts, teacher.dim, shard=shard)
+        except CacheMismatchError as e:
+            err = str(e)
+    if world > 1:
+        box = [err]
+        dist.broadcast_object_list(box, src=0)
+        err = box[0]
+        if err is None and rank != 0:
+            cache = EmbeddingCache.create(args.embedding_path, manifest, counts, teacher.dim, shard=shard)
+    if err is not None:
+        if rank == 0:
+            print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2)
+
+    computed = {f: 0 for f in FIELDS}
+    eligible = {}
+    n_missing = n_corrupt = n_batches = 0
+    stopped = False
+    for field in FIELDS:
+        inputs = field_inputs(field, records, cap_rows, teacher)
+        eligible[field] = len(inputs)
+        if field not in fields or stopped:
+            continue
+        done = cache.done(field)
+        pending = [i for i in inputs if not done[i] and i % world == rank]
+        bar = tqdm(total=len(pending), desc=f"{field}", unit="row", disable=rank != 0 or not pending,
+                   dynamic_ncols=True)
+        if field == "image" and teacher.kind != "attributes":
+            loader = DataLoader(ImageRows(inputs, pending), batch_size=args.batch_size, shuffle=False,
+                                num_workers=args.workers, collate_fn=CollateImages(teacher.image_inputs))
+            batches = iter(loader)
+        else:
+            batches = ((pending[b:b + args.batch_size], None, 0, 0) for b in range(0, len(pending), args.batch_size))
+        for rows, image_inputs, nm, nc in batches:
+            if args.max_batches and n_batches >= args.max_batches:
+                stopped = True
+                break
+            if image_inputs is not None:
+                emb = teacher.embed_image_inputs(image_inputs)
+            elif rows:
+                emb = embed_unique(teacher, [inputs[i] for i in rows])
+            if rows:
+                cache.write(field, rows, emb)
+            computed[field] += len(rows)
+            n_missing, n_corrupt, n_batches = n_missing + nm, n_corrupt + nc, n_batches + 1
+            bar.update(len(rows) + nm + nc)
+        bar.close()
+        del batches  # shuts down the loader's workers before the next field
+
+    if world > 1:
+        t = torch.tensor([computed[f] for f in FIELDS] + [n_missing, n_corrupt], dtype=torch.long)
+        dist.all_reduce(t)  # gloo and nccl both reduce CPU-side here: tiny tensor
+        *c, n_missing, n_corrupt = t.tolist()
+        computed = dict(zip(FIELDS, c))
+        dist.barrier()  # every rank's rows are written before rank 0 folds the done masks
+        if rank == 0:
+            cache.merge_done()
+        dist.barrier()
+        dist.destroy_process_group()
+    if rank == 0:
+        if n_missing or n_corrupt:
+            print(data.format_skip_summary(n_missing, n_corrupt) + " (their rows stay not-done)")
+        print("computed: " + "  ".join(f"{f} {computed[f]}" for f in FIELDS))
+        if stopped:
+            print(f"stopped after {args.max_batches} batches (--max_batches); re-run to resume")
+        reader = EmbeddingCache.open(args.embedding_path)
+        print(summary(reader, eligible))
+    return dict(computed=computed, eligible=eligible, n_missing=n_missing, n_corrupt=n_corrupt, stopped=stopped)
+
+
+if __name__ == "__main__":
+    try:
+        main(get_args_parser().parse_args())
+    except KeyboardInterrupt:
+        raise SystemExit("interrupted: finished batches are saved; re-run the same command to resume") from None
