@@ -68,9 +68,10 @@ def read_manifest(path):
             m = json.load(f)
     except (OSError, ValueError) as e:
         raise CacheMismatchError(f"{path}: unreadable manifest.json ({type(e).__name__}: {e})") from None
-    if not isinstance(m, dict) or m.get("format_version") != FORMAT_VERSION:
-        raise CacheMismatchError(f"{path}: manifest format_version {m.get('format_version') if isinstance(m, dict) else None}"
-                                 f" is not {FORMAT_VERSION}; re-extract it with tools/extract_label.py")
+    version = m.get("format_version") if isinstance(m, dict) else None
+    if version != FORMAT_VERSION:
+        raise CacheMismatchError(f"{path}: manifest format_version {version} is not {FORMAT_VERSION}; "
+                                 f"re-extract it with tools/extract_label.py")
     return m
 
 
@@ -102,7 +103,7 @@ class EmbeddingCache:
     @classmethod
     def create(cls, path, manifest, counts, dim, shard=None):
         """New cache at `path` (zero rows, nothing done), or the existing one re-opened for resume when its
-        manifest matches; CacheMismatchError otherwise. `manifest` holds the teacher/dataset keys (see README)."""
+        manifest matches; CacheMismatchError otherwise. `manifest`: teacher/dataset keys (docs/INTERFACES.md)."""
         counts = {f: int(counts.get(f, 0)) for f in FIELDS}
         m = dict(manifest, format_version=FORMAT_VERSION, dim=int(dim), dtype=DTYPE, normalized=True, counts=counts)
         verify(path, m)

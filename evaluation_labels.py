@@ -2,14 +2,16 @@
 labels the student distils from are -- the seed README's `python evaluation_labels.py` figures.
 
     python evaluation_labels.py --data SYNTH-PEDES/synthpedes-dataset.json --embedding_path embeddings
-    python evaluation_labels.py --data data.json --embedding_path embeddings --split all --langs en,zh --json teacher.json
-    python evaluation_labels.py --data data.json --embedding_path embeddings --image_field attributes   # attribute teacher
+    python evaluation_labels.py --data data.json --embedding_path embeddings --split all --langs en,zh --json t.json
+    python evaluation_labels.py --data data.json --embedding_path embeddings --image_field attributes
 
 Pairs as in metrics.verification: an image with its own captions is a positive, an image with a caption of another
 identity a negative. Images = the split's records whose image row is done in the cache; captions = those records'
 caption rows (metrics' order: data.caption_rows) in --langs that are done. Printed: the seed's EER/FAR table, the
 Top-K false rejects/accepts (`<id>/<file_path>` and `<id>/<file_path>_caption`), text->image and image->text
-retrieval. --json writes every figure (atomically).
+retrieval. --json writes every figure (atomically). --image_field attributes / prompt_caption puts that cache field
+(the record's attribute string / prompt caption, embedded as text) on the image side. (A cache of the attribute
+teacher, `--teacher attributes`, already stores the attribute text in its image field.)
 """
 import argparse
 import json
@@ -35,7 +37,9 @@ def get_args_parser(add_help=False):
     p.add_argument("--test_ratio", type=float, default=0.1, help="identity hold-out when the JSON has no split")
     p.add_argument("--langs", default="en", help="caption languages, comma-separated: en, zh or en,zh")
     p.add_argument("--image_field", choices=FIELD_CHOICES, default="image",
-                   help="cache field that plays the image side (attributes: the attribute teacher's image text)")
+                   help="cache field on the image side (attributes / prompt_caption: that text, embedded)")
+    p.add_argument("--max_images", type=int, default=0,
+                   help="evaluate only the split's first N images (with an embedding) and their captions; 0 = all")
     p.add_argument("--top_k", type=int, default=15, help="length of the false reject / false accept lists")
     p.add_argument("--block", type=int, default=metrics.DEFAULT_BLOCK, help="scores held in memory at once")
     p.add_argument("--json", default=None, help="write every figure to this file")
@@ -71,8 +75,8 @@ def main(args):
     bad = [s for s in langs if s not in data_lib.LANGS]
     if not langs or bad:
         _fail(f"--langs must be a comma-separated subset of {','.join(data_lib.LANGS)}, got {args.langs!r}")
-    if args.top_k < 0:
-        _fail(f"--top_k must be >= 0, got {args.top_k}")
+    if args.top_k < 0 or args.max_images < 0:
+        _fail(f"--top_k and --max_images must be >= 0, got {args.top_k} and {args.max_images}")
     if args.block < 1:
         _fail(f"--block must be >= 1, got {args.block}")
     try:
@@ -88,6 +92,8 @@ def main(args):
         img_done, cap_done = cache.done(args.image_field), cache.done("caption")
     except (CacheMismatchError, OSError) as e:
         _fail(e)
+    if args.max_images:
+        indices = [r for r in indices if img_done[r]][:args.max_images]
     where = f"split '{args.split}' ({len(indices)} records) of {args.data}"
     if not len(indices):
         _fail(f"{where}: no records (try --split all or a larger --test_ratio)")
@@ -111,7 +117,8 @@ def main(args):
     cap_emb = np.asarray(cache.array("caption")[sel["cap_rows"]])
     try:
         res = metrics.evaluate_embeddings(img_emb, cap_emb, sel["cap_img_index"], sel["img_pids"], sel["cap_pids"],
-                                          top_k=args.top_k, block=args.block, normalize=True)
+                                          top_k=args.top_k, block=args.block, normalize=True,
+                                          progress=len(img_emb) * len(cap_emb) > 5e8)
     except ValueError as e:  # e.g. no positive pair: every selected caption lost its image
         _fail(f"{where}: {e}")
     v = res["verification"]

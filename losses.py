@@ -248,8 +248,10 @@ def supcon(q, q_pid, q_row, q_ok, k, k_pid, k_row, k_ok, temp, exclude_same_row)
     """Multi-positive InfoNCE (SupCon L_out): for each usable query, the mean over its positives of
     -log softmax over its usable keys. Positives share the pid; keys with the query's img_row are excluded
     entirely when exclude_same_row (same modality: the query itself, or an older copy of it in the memory);
-    queries without a positive are ignored (weight 0)."""
-    logits = q @ k.t() / temp
+    queries without a positive are ignored (weight 0). `k` may be a list of key blocks (batch, memory): the
+    logits are concatenated, so autograd never computes a gradient for the (detached) memory keys."""
+    k = k if isinstance(k, (list, tuple)) else [k]
+    logits = torch.cat([q @ kb.t() for kb in k], 1) / temp
     keep = k_ok[None, :].expand_as(logits)
     if exclude_same_row:
         keep = keep & (q_row[:, None] != k_row[None, :])
@@ -330,12 +332,15 @@ class DistillLoss(nn.Module):
             img, cap, pids, img_rows, img_ok = (x[n - M:] for x in (img, cap, pids, img_rows, img_ok))
             start = start + (n - M)
         slots = (start + torch.arange(img.shape[0], device=cap.device)) % M
-        self.mem_img[slots] = img.detach().to(self.mem_img.dtype)
-        self.mem_cap[slots] = cap.detach().to(self.mem_cap.dtype)
+        # a non-finite row (a diverging step the trainer will skip) must not poison the memory for the next
+        # memory_size steps: stored as zeros and marked unfilled (a NaN key would give NaN gradients even masked)
+        finite = torch.isfinite(img).all(1) & torch.isfinite(cap).all(1)
+        self.mem_img[slots] = torch.where(finite[:, None], img.detach(), 0).to(self.mem_img.dtype)
+        self.mem_cap[slots] = torch.where(finite[:, None], cap.detach(), 0).to(self.mem_cap.dtype)
         self.mem_pid[slots] = pids.long()
         self.mem_row[slots] = img_rows.long()
         self.mem_img_ok[slots] = img_ok.bool()
-        self.mem_filled[slots] = True
+        self.mem_filled[slots] = finite
         self.mem_ptr.copy_((self.mem_ptr + n) % M)
 
     def reset_memory(self):
@@ -409,11 +414,12 @@ class DistillLoss(nn.Module):
                 out["dist_rel"] = _ddp_grad_scale(w["dist_rel"] * v)
 
             if any(w[k] > 0 for k in ("id_img", "id_cap", "id_img_cap")):
-                use_mem = self.memory_size > 0 and bool(self.num_updates >= self.memory_warmup)
-                if use_mem:
-                    m_ok = self.mem_filled
-                    k_img = torch.cat([g_img, self.mem_img])
-                    k_cap = torch.cat([g_cap, self.mem_cap])
+                if self.memory_size > 0:
+                    # during the warm-up the memory is filled but masked out (a tensor test: no host sync, no
+                    # torch.compile graph break)
+                    m_ok = self.mem_filled & (self.num_updates >= self.memory_warmup)
+                    # clones: the matmul saves the memory for backward, and enqueue below overwrites it in place
+                    k_img, k_cap = [g_img, self.mem_img.clone()], [g_cap, self.mem_cap.clone()]
                     k_pid = torch.cat([g_pid, self.mem_pid])
                     k_row = torch.cat([g_row, self.mem_row])
                     k_img_ok = torch.cat([g_imgok, m_ok & self.mem_img_ok])

@@ -85,8 +85,8 @@ def exp_dir(args):
 def choose_run_dir(args):
     """Next free number for a new run; the newest run for --resume auto (so a restart continues it)."""
     root = exp_dir(args)
-    if args.run:
-        return root / str(args.run)
+    if args.run_name:
+        return root / str(args.run_name)
     nums = sorted(int(p.name) for p in root.glob("*") if p.is_dir() and p.name.isdigit()) if root.exists() else []
     if args.resume == "auto" and nums:
         return root / str(nums[-1])
@@ -350,7 +350,7 @@ def main(args):
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     model_cfg = ckpt["model_cfg"] if ckpt else default_model_cfg(args, teacher_dim, cache.manifest.get("teacher", ""))
-    model = build_model(model_cfg)
+    model = build_model(model_cfg, backbone_weights=None if ckpt else args.backbone_weights)
     if args.distributed and args.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     criterion = losses.build_criterion(args, model_cfg["feature_dim"], teacher_dim)
@@ -438,6 +438,7 @@ def main(args):
                 head = evaluate_heldout(args, model, records, test_idx)
                 distiller.train()
                 if head:
+                    head = {k: v for k, v in head.items() if v is not None}  # unresolvable FAR levels
                     log.info(f"Eval Iter:{step}| " + " ".join(f"{k}: {v:.4f}" for k, v in head.items()))
                     for k, v in head.items():
                         writer.add_scalar(f"eval/{k}", v, step)

@@ -12,14 +12,16 @@ Speed and memory: python bench/eval_speed.py --n_img 5000 --n_cap 25000
 Tests (brute-force references, ties, several blocks):  python3 -m pytest -q tests/test_metrics.py
 
 Scores are dot products in float32 (cosine: the embeddings are unit norm; pass normalize=True if they are not).
-Scores are computed one block of rows at a time (`block` = the most scores held at once), never as a dense N x M
-matrix, and every figure is exact for those float32 scores -- equal to a sort-everything reference -- not a
-histogram approximation. How (see `verification`): the positives (few) are scored first; then each block of
+They are computed one tile at a time (`block` = the most scores held at once), never as a dense N x M matrix,
+and every figure is exact for those scores -- equal to a sort-everything reference, ties included -- not a
+histogram approximation. How (see `verification`): the positives (few) are scored first; then every tile of
 negatives is counted into the intervals between consecutive distinct positive scores, which gives the exact FAR
-at every positive-score threshold (hence the exact EER and FRR at each FAR level), while the largest negatives
-are kept exactly (a running top-k), which gives the exact FAR thresholds and the false-accept list.
+at every positive-score threshold (hence the exact EER and the FRR at each FAR level), while the largest
+negatives are kept exactly (a running top-K), which gives the exact FAR thresholds and the false-accept list.
 """
 import math
+import sys
+import time
 
 import numpy as np
 import torch
@@ -28,6 +30,8 @@ DEFAULT_FAR_LEVELS = (1e-3, 1e-4, 1e-5, 1e-6, 0.0)
 DEFAULT_BLOCK = 1 << 22  # scores held at once (~16 MiB of float32); the per-block work keeps a few copies of it
 _CELLS_PER_POSITIVE = 16  # resolution of the counting lookup table (speed only; results are exact at any value)
 _MAX_CELLS = 1 << 22
+_MAX_PER_CELL = 16  # positives per cell above which the exact path falls back to a binary search
+_TILE_ROWS = 256  # rows a score tile keeps when a row alone would fill a block
 
 __all__ = ["verification", "retrieval", "evaluate_embeddings", "format_verification_table", "format_error_lists",
            "format_retrieval", "format_far", "headline", "to_jsonable", "DEFAULT_FAR_LEVELS"]
@@ -54,20 +58,32 @@ def _emb(x, name, device=None, normalize=False):
             t = t.to(device)
     if t.dim() != 2:
         raise ValueError(f"{name}: expected a 2-D [rows, dim] array, got shape {list(t.shape)}")
-    if not bool(torch.isfinite(t).all()):
+    finite = np.isfinite(t.numpy()).all() if t.device.type == "cpu" else bool(torch.isfinite(t).all())
+    if not finite:
         raise ValueError(f"{name}: contains NaN or infinite values")
     if normalize:
         t = torch.nn.functional.normalize(t, dim=1)
     return t
 
 
-def _ints(x, name, n, device):
-    t = x.detach() if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
-    if t.dim() != 1 or t.numel() != n:
-        raise ValueError(f"{name}: expected {n} integers, got shape {list(t.shape)}")
-    if t.dtype == torch.bool or t.is_complex() or (t.is_floating_point() and not bool((t == t.round()).all())):
-        raise ValueError(f"{name}: expected integers, got {t.dtype}")
-    return t.to(device=device, dtype=torch.int64)
+def _pair(a, a_name, b, b_name, normalize):
+    a = _emb(a, a_name, normalize=normalize)
+    b = _emb(b, b_name, device=a.device, normalize=normalize)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"{a_name} is {a.shape[1]}-d but {b_name} is {b.shape[1]}-d")
+    return a, b
+
+
+def _ints(x, name, n):
+    """1-D int64 numpy array of length n (ids and indices are small: they live on the CPU)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    a = np.asarray(x)
+    if a.ndim != 1 or len(a) != n:
+        raise ValueError(f"{name}: expected {n} integers, got shape {list(a.shape)}")
+    if a.dtype.kind not in "iu" and not (a.dtype.kind == "f" and bool(np.all(a == np.round(a)))):
+        raise ValueError(f"{name}: expected integers, got {a.dtype}")
+    return a.astype(np.int64)
 
 
 def _far_levels(levels):
@@ -80,34 +96,58 @@ def _far_levels(levels):
     return out
 
 
-def _rows_per_block(block, ncols):
-    if int(block) < 1:
+def _tiles(n_rows, n_cols, block):
+    """(rows, cols) of a score tile holding at most `block` scores. Whole rows while a row is short; a long row is
+    split into equal column tiles so that a tile still has ~_TILE_ROWS rows: a GEMM of a few rows against a huge
+    matrix would re-read that matrix from memory for every few rows."""
+    block = int(block)
+    if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
-    return max(1, int(block) // max(1, ncols))
+    target = max(1, block // _TILE_ROWS)
+    cols = max(1, n_cols) if n_cols <= target else -(-n_cols // -(-n_cols // target))
+    return max(1, block // cols), cols
 
 
 class _SameId:
-    """The (row, col) pairs of one block whose ids are equal, found through sorted column ids: O(pairs), not O(B*M)."""
+    """The (row, col) pairs of a block whose ids are equal, found through the sorted column ids: O(pairs), never
+    a B x M mask."""
 
     def __init__(self, col_pids):
-        self.sorted, self.order = torch.sort(col_pids, stable=True)
+        self.order = np.argsort(col_pids, kind="stable")
+        self.sorted = col_pids[self.order]
 
     def counts(self, row_pids):
-        lo = torch.searchsorted(self.sorted, row_pids, right=False)
-        return lo, torch.searchsorted(self.sorted, row_pids, right=True) - lo
+        lo = np.searchsorted(self.sorted, row_pids, side="left")
+        return lo, np.searchsorted(self.sorted, row_pids, side="right") - lo
 
     def pairs(self, row_pids):
+        """rows, cols (rows ascending, cols in ascending column order within a row), per-row counts."""
         lo, cnt = self.counts(row_pids)
-        dev = row_pids.device
-        rows = torch.repeat_interleave(torch.arange(len(row_pids), device=dev), cnt)
-        first = torch.cumsum(cnt, 0) - cnt
-        offs = torch.arange(len(rows), device=dev) - torch.repeat_interleave(first, cnt)
-        cols = self.order[torch.repeat_interleave(lo, cnt) + offs]
+        rows = np.repeat(np.arange(len(row_pids)), cnt)
+        first = np.cumsum(cnt) - cnt
+        offs = np.arange(len(rows)) - np.repeat(first, cnt)
+        cols = self.order[np.repeat(lo, cnt) + offs]
         return rows, cols, cnt
 
 
-def _f32(v):
-    return float(np.float32(v))
+def _scores(a, bT):
+    """float32 [B, M] numpy scores of one block: the GEMM in torch (BLAS, any device), the rest in numpy (on a
+    2-core machine numpy's single-threaded element-wise passes beat torch's threaded ones several times)."""
+    return torch.mm(a, bT).cpu().numpy()
+
+
+class _Progress:
+    """Prints `<name>: 40% (12.3s, ~18.5s left)` to stderr at most every 10% of the rows."""
+
+    def __init__(self, name, total):
+        self.name, self.total, self.t0, self.next = name, max(1, total), time.time(), 0.1
+
+    def __call__(self, done):
+        f = done / self.total
+        if f >= self.next:
+            el = time.time() - self.t0
+            print(f"{self.name}: {100 * f:.0f}% ({el:.1f}s, ~{el / f - el:.1f}s left)", file=sys.stderr, flush=True)
+            self.next = math.floor(f * 10 + 1) / 10
 
 
 def _next_up(v):
@@ -129,8 +169,9 @@ def _allowed_false_accepts(x, n_neg):
 # verification
 
 def verification(img_emb, cap_emb, cap_img_index, img_pids, cap_pids, far_levels=DEFAULT_FAR_LEVELS, top_k=15,
-                 block=DEFAULT_BLOCK, normalize=False):
+                 block=DEFAULT_BLOCK, normalize=False, progress=False, _prepared=False):
     """Image-caption verification as the seed prints it. Returns a dict (see the keys at the end).
+    progress=True prints `verification: 40% (12.3s, ~18.5s left)` lines to stderr (large sets take minutes).
 
     Pairs. score(i, j) = <img_emb[i], cap_emb[j]> in float32 (cosine for unit-norm inputs).
       positive: caption j of image i itself (cap_img_index[j] == i); cap_img_index[j] = -1 means caption j's
@@ -150,229 +191,209 @@ def verification(img_emb, cap_emb, cap_img_index, img_pids, cap_pids, far_levels
     Error lists: top_k false rejects = the lowest-scoring positives, top_k false accepts = the highest-scoring
       negatives, each as (img_idx, cap_idx, score); ties by (img_idx, cap_idx) ascending.
 
-    How it stays exact in bounded memory: rows of images are scored in blocks (block // n_captions rows at a
-    time). Pass 1 scores only the positives (per image block, against its own captions: the same GEMM blocks, so
-    the same float32 bits, as pass 2). Pass 2 scores each block against all captions, masks same-identity pairs
-    (found through sorted ids, not an N x M mask) and counts its negatives into the intervals between consecutive
-    distinct positive scores u_1 < ... < u_m (bucket b = #{u <= s}). The bucket of most scores comes from a
-    lookup table over a uniform grid: cell(s) = int(clamp((s - lo) * scale)) is monotone in s (IEEE rounding is
-    monotone), so a score in a cell holding no positive has bucket = #{u : cell(u) < cell(s)}, exactly; scores in
-    cells holding a positive go through an exact binary search. FAR at every u_k is then a suffix sum of the
-    bucket counts. The largest negatives are kept exactly by a running top-K (K = k+1 of the loosest FAR level)
-    filtered by the running K-th value, and a running top_k of (score, i, j) gives the false accepts.
-    Memory: the float32 inputs + O(block) + O(K) (K = 1e-3 of the negatives for the default levels).
+    How it stays exact in bounded memory. Scores are computed in tiles of at most `block` (rows of images x
+    columns of captions, see _tiles) and each pair is scored exactly once, so every figure is exact for those
+    float32 scores (a float32 GEMM rounds differently for different tile shapes: another computation of the same
+    pair may differ in the last bit). Pass 1 scores the positives (a dot product per caption with its own image).
+    Pass 2 scores each tile, masks its same-identity pairs (found through sorted ids, not an N x M mask) and counts
+    its negatives into the intervals between consecutive distinct positive scores u_1 < ... < u_m (bucket
+    b = #{u <= s}). The bucket comes from a lookup table over a uniform grid: cell(s) = int(clip((s - lo) * scale))
+    in float32 is monotone in s (IEEE rounding is monotone), so a score whose cell holds no positive has bucket
+    #{u : cell(u) < cell(s)}, exactly; a score in a cell holding positives is compared with those few positives.
+    FAR at every u_k is then a suffix sum of the bucket counts. The K largest negatives (K = k + 1 of the loosest
+    FAR level) are kept exactly by a buffer filtered by its running K-th value; the false accepts by a running
+    top_k of (score, i, j).
+    Memory: float32 copies of the inputs + O(block) + O(K) (K = 1e-3 of the negatives with the default levels).
     """
-    img = _emb(img_emb, "img_emb", normalize=normalize)
+    img, cap = (img_emb, cap_emb) if _prepared else _pair(img_emb, "img_emb", cap_emb, "cap_emb", normalize)
     dev = img.device
-    cap = _emb(cap_emb, "cap_emb", device=dev, normalize=normalize)
-    if cap.shape[1] != img.shape[1]:
-        raise ValueError(f"img_emb is {img.shape[1]}-d but cap_emb is {cap.shape[1]}-d")
     n_img, n_cap = img.shape[0], cap.shape[0]
-    ipid = _ints(img_pids, "img_pids", n_img, dev)
-    cpid = _ints(cap_pids, "cap_pids", n_cap, dev)
-    cii = _ints(cap_img_index, "cap_img_index", n_cap, dev)
+    ipid = _ints(img_pids, "img_pids", n_img)
+    cpid = _ints(cap_pids, "cap_pids", n_cap)
+    cii = _ints(cap_img_index, "cap_img_index", n_cap)
     levels = _far_levels(far_levels)
     top_k = int(top_k)
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0, got {top_k}")
-    if n_cap and (int(cii.min()) < -1 or int(cii.max()) >= n_img):
+    if n_cap and (cii.min() < -1 or cii.max() >= n_img):
         raise ValueError(f"cap_img_index: values must be in [-1, {n_img}) (-1 = caption's image not evaluated)")
-    has_img = cii >= 0
-    if bool((cpid[has_img] != ipid[cii[has_img]]).any()):
-        j = int(torch.nonzero(has_img & (cpid != ipid[cii.clamp(min=0)]))[0])
-        raise ValueError(f"caption {j} has id {int(cpid[j])} but its image {int(cii[j])} has id "
-                         f"{int(ipid[cii[j]])} (arguments in the wrong order?)")
-    rows = _rows_per_block(block, n_cap)
-    capT = cap.t()
+    bad = np.flatnonzero((cii >= 0) & (cpid != ipid[np.maximum(cii, 0)]))
+    if len(bad):
+        j = int(bad[0])
+        raise ValueError(f"caption {j} has id {cpid[j]} but its image {cii[j]} has id {ipid[cii[j]]} "
+                         f"(arguments in the wrong order?)")
+    rows, cols = _tiles(n_img, n_cap, block)
 
-    # ---- pass 1: positive scores, block by block with the same row blocks as pass 2
-    cii_sorted, cii_order = torch.sort(cii, stable=True)
-    pos_j, pos_s = [], []
-    for i0 in range(0, n_img, rows):
-        i1 = min(n_img, i0 + rows)
-        a, b = (int(v) for v in torch.searchsorted(cii_sorted, torch.tensor([i0, i1], device=dev)))
-        if a == b:
-            continue
-        cols = cii_order[a:b]
-        s = torch.mm(img[i0:i1], cap[cols].t())  # same layout as capT: same GEMM path
-        pos_j.append(cols)
-        pos_s.append(s[cii[cols] - i0, torch.arange(len(cols), device=dev)])
-    if not pos_j:
+    # ---- pass 1: positive scores, one dot product per caption with its own image
+    pos_j = np.flatnonzero(cii >= 0)
+    if not len(pos_j):
         raise ValueError("no positive pairs: no caption belongs to one of the images (check cap_img_index)")
-    pos_j, pos_s = torch.cat(pos_j), torch.cat(pos_s)
     pos_i = cii[pos_j]
+    pos_s = np.empty(len(pos_j), np.float32)
+    chunk = max(1, int(block) // max(1, img.shape[1]))
+    for a in range(0, len(pos_j), chunk):
+        ii, jj = (torch.from_numpy(x[a:a + chunk]).to(dev) for x in (pos_i, pos_j))
+        pos_s[a:a + chunk] = (img[ii] * cap[jj]).sum(1).cpu().numpy()
     n_pos = len(pos_s)
-    u, u_cnt = torch.unique(pos_s, sorted=True, return_counts=True)  # u_1 < ... < u_m
+    u, u_cnt = np.unique(pos_s, return_counts=True)  # u_1 < ... < u_m (float32)
     m = len(u)
-    pos_le = torch.cumsum(u_cnt, 0)  # #{p <= u_k}
+    pos_le = np.cumsum(u_cnt)  # #{p <= u_k}
 
     same = _SameId(cpid)
     n_same = int(same.counts(ipid)[1].sum())
     n_neg = n_img * n_cap - n_same
 
-    # FAR levels: k allowed false accepts each; keep the K largest negatives exactly, K = max(k) + 1
+    # FAR levels: k allowed false accepts each; the K largest negatives are kept exactly, K = max(k) + 1
     ks = [_allowed_false_accepts(x, n_neg) if n_neg else 0 for x in levels]
     K = min(n_neg, max([k + 1 for k, x in zip(ks, levels) if n_neg and (k > 0 or x == 0.0)], default=0))
 
-    # lookup table: cell(s) monotone; a cell without a positive maps to one bucket exactly
+    # counting table. cell(s) = int(clip((s - lo2) * scale, 0, cmax)) with float32 operations is monotone in s, so
+    # a score whose cell holds no positive has bucket #{u <= s} = #{u : cell(u) < cell(s)} exactly.
     lo_u, hi_u = float(u[0]), float(u[-1])
     n_cells = int(min(_MAX_CELLS, max(64, _CELLS_PER_POSITIVE * m)))
-    scale = _f32(min(n_cells / (hi_u - lo_u), 1e30)) if hi_u > lo_u else 1.0
-    lo2 = _f32(lo_u - 2.0 / scale)  # u_1 lands near cell 2: cell 0 (everything below, and -inf) stays empty
+    scale = np.float32(min(n_cells / (hi_u - lo_u), 1e30) if hi_u > lo_u else 1.0)
+    lo2 = np.float32(lo_u - 2.0 / float(scale))  # u_1 lands near cell 2: cell 0 (below, and -inf) holds no positive
 
-    def cell_of(x, out=None):  # the same two float32 ops for positives and scores: the same monotone map
-        t = torch.sub(x, lo2, out=out)
-        t.mul_(scale)
-        return t
+    def cells(x, out):
+        np.subtract(x, lo2, out=out)
+        np.multiply(out, scale, out=out)
+        return out
 
-    pc = cell_of(u.clone())
-    pc_max = float(pc.max())
-    cmax = math.floor(pc_max) + 1.0  # values above every positive's cell clamp here (an empty cell)
-    pcell = pc.clamp_(0.0, cmax).to(torch.int64)
+    pc = cells(u, np.empty_like(u))
+    cmax = np.float32(math.floor(float(pc.max())) + 1.0)  # scores above every positive's cell clamp here (empty)
+    pcell = np.clip(pc, np.float32(0), cmax).astype(np.int64)
     n_tab = int(cmax) + 1
-    has = torch.zeros(n_tab, dtype=torch.bool, device=dev)
-    has[pcell] = True
-    lt = torch.searchsorted(pcell, torch.arange(n_tab, device=dev), right=False)  # #{u : cell(u) < c}
+    first = np.searchsorted(pcell, np.arange(n_tab), side="left").astype(np.int32)  # #{u : cell(u) < c}
+    n_in = np.bincount(pcell, minlength=n_tab).astype(np.int32)  # #{u : cell(u) == c}
+    max_in = int(n_in.max())
+    # lut[c] = the bucket of every score in cell c, or m + 1 ("look closer") when c holds a positive; int32 keeps
+    # the table small enough to stay in cache
+    lut = first.copy()
+    lut[pcell] = m + 1
 
-    hist = torch.zeros(n_tab, dtype=torch.int64, device=dev)
-    exact = torch.zeros(m + 1, dtype=torch.int64, device=dev)
+    counts = np.zeros(m + 2, np.int64)
     n_masked = 0
     neg_min, neg_max = math.inf, -math.inf
-    buf, n_buf, tau = [], 0, None  # running top-K negative values (tau: the K-th largest once known)
-    fa = None  # running top_k false accepts: (score desc, i, j) as numpy arrays
-    tmp = torch.empty(rows * n_cap, dtype=torch.float32, device=dev)
-    ci = torch.empty(rows * n_cap, dtype=torch.int64, device=dev)
+    buf, n_buf, tau = [], 0, -np.inf  # the K largest negative values so far (tau: the K-th once known)
+    fa = None  # the top_k false accepts so far: (score, i, j) arrays sorted by (-score, i, j)
+    tmp = np.empty(rows * cols, np.float32)
+    cb = np.empty(rows * cols, np.int64)
+    bk = np.empty(rows * cols, np.int32)
 
-    # ---- pass 2: negatives
+    # ---- pass 2: negatives, tile by tile (row blocks of images x column blocks of captions)
+    report = _Progress("verification", n_img) if progress else None
     for i0 in range(0, n_img, rows):
-        i1 = min(n_img, i0 + rows)
-        S = torch.mm(img[i0:i1], capT)
-        flat = S.view(-1)
-        r, c, _ = same.pairs(ipid[i0:i1])
-        n_blk_neg = flat.numel() - len(r)
-        if n_blk_neg == 0:
-            continue
-        S[r, c] = math.inf
-        neg_min = min(neg_min, float(flat.amin()))
-        S[r, c] = -math.inf
-        n_masked += len(r)
+        if report:
+            report(i0)
+        r_blk, c_blk, _ = same.pairs(ipid[i0:i0 + rows])  # same-identity pairs of these rows
+        for j0 in range(0, n_cap, cols):
+            S = _scores(img[i0:i0 + rows], cap[j0:j0 + cols].t())
+            C = S.shape[1]
+            flat = S.reshape(-1)
+            n = flat.size
+            inside = (c_blk >= j0) & (c_blk < j0 + C)
+            lin = r_blk[inside] * C + (c_blk[inside] - j0)
+            if n == len(lin):
+                continue  # nothing but same-identity pairs
+            flat[lin] = np.inf
+            neg_min = min(neg_min, float(flat.min()))
+            flat[lin] = -np.inf  # masked pairs: bucket 0 (subtracted below), never above a threshold
+            n_masked += len(lin)
+            neg_max = max(neg_max, float(flat.max()))
 
-        # counting: cells, then exact binary search for scores in cells that hold a positive
-        t = cell_of(S, out=tmp[:flat.numel()].view_as(S)).view(-1).clamp_(0.0, cmax)
-        cb = ci[:flat.numel()]
-        cb.copy_(t)
-        hist += torch.bincount(cb, minlength=n_tab)
-        amb = has[cb]
-        if bool(amb.any()):
-            exact += torch.bincount(torch.bucketize(flat[amb], u, right=True), minlength=m + 1)
+            t = np.clip(cells(flat, tmp[:n]), np.float32(0), cmax, out=tmp[:n])
+            np.copyto(cb[:n], t, casting="unsafe")  # truncation of values >= 0: floor
+            b = np.take(lut, cb[:n], out=bk[:n], mode="clip")  # (indices are in range: clip skips the check)
+            amb = np.flatnonzero(b == m + 1)
+            if len(amb):  # bucket = #{u in lower cells} + #{u in its own cell with u <= s}
+                sa = flat[amb]
+                if max_in <= _MAX_PER_CELL:
+                    ca = cb[amb]
+                    fa_, na = first[ca], n_in[ca]
+                    bb = fa_.copy()
+                    for q in range(max_in):
+                        bb += (na > q) & (sa >= u[np.minimum(fa_ + q, m - 1)])
+                    b[amb] = bb
+                else:  # crowded cells (very uneven positive scores): plain binary search
+                    b[amb] = np.searchsorted(u, sa, side="right")
+            counts += np.bincount(b, minlength=m + 2)
 
-        # the K largest negatives (values only)
-        if K:
-            v = flat[flat > (tau if tau is not None else -math.inf)]
-            if len(v):
-                buf.append(v)
-                n_buf += len(v)
-                if n_buf >= 2 * K:
-                    top = torch.topk(torch.cat(buf), K, sorted=False).values
-                    buf, n_buf, tau = [top], K, float(top.min())
+            if K:  # values above the running K-th largest; compact to K when the buffer doubles
+                v = flat[flat > tau]
+                if len(v):
+                    buf.append(v)
+                    n_buf += len(v)
+                    if n_buf >= 2 * K or (tau == -np.inf and n_buf >= K):
+                        allv = np.concatenate(buf)
+                        allv = np.partition(allv, len(allv) - K)[len(allv) - K:]
+                        buf, n_buf, tau = [allv], K, allv.min()
 
-        # the top_k false accepts, ties by (i, j): take every tie of the block's k-th score, lowest index first
-        if top_k:
-            kk = min(top_k, n_blk_neg)
-            vals, idx = torch.topk(flat, kk)
-            neg_max = max(neg_max, float(vals[0]))
-            kth = float(vals[-1])
-            if fa is None or len(fa[0]) < top_k or kth >= fa[0][-1]:
-                # ties at the block's k-th score may be cut arbitrarily by topk: take the lowest indices instead
-                gt = idx[vals > kth]
-                eq = torch.nonzero(flat == kth).view(-1)[:kk - len(gt)]
-                idx = torch.cat([gt, eq])
-            s_c = flat[idx].cpu().numpy().astype(np.float64)
-            i_c = (idx // n_cap + i0).cpu().numpy()
-            j_c = (idx % n_cap).cpu().numpy()
-            if fa is not None:
-                s_c, i_c, j_c = (np.concatenate([a, b]) for a, b in zip(fa, (s_c, i_c, j_c)))
-            o = np.lexsort((j_c, i_c, -s_c))[:top_k]
-            fa = (s_c[o], i_c[o], j_c[o])
-        else:
-            neg_max = max(neg_max, float(flat.amax()))
+            if top_k:  # candidates: everything at or above the current k-th false accept, ties included
+                if fa is not None and len(fa[0]) == top_k:
+                    sel = np.flatnonzero(flat >= fa[0][-1])
+                else:
+                    kth = np.partition(flat, n - top_k)[n - top_k] if n - len(lin) > top_k else -np.inf
+                    sel = np.flatnonzero(flat >= kth) if kth > -np.inf else np.flatnonzero(flat > -np.inf)
+                if len(sel):
+                    s_c, i_c, j_c = flat[sel].astype(np.float64), sel // C + i0, sel % C + j0
+                    if fa is not None:
+                        s_c, i_c, j_c = (np.concatenate([x, y]) for x, y in zip(fa, (s_c, i_c, j_c)))
+                    o = np.lexsort((j_c, i_c, -s_c))[:top_k]
+                    fa = (s_c[o], i_c[o], j_c[o])
 
     # ---- assemble
-    counts = exact.clone()
-    free = ~has
-    counts.index_add_(0, lt[free], hist[free])
+    assert counts[m + 1] == 0
+    counts = counts[:m + 1]
     counts[0] -= n_masked
-    counts = counts.cpu().numpy()
     assert counts.sum() == n_neg and (counts >= 0).all(), "internal error: negative counts do not add up"
     far_ge = np.cumsum(counts[::-1])[::-1][1:]  # far_ge[k] = #{n >= u_k}  (bucket >= k+1)
-    pos_le_np = pos_le.cpu().numpy()
-    u_np = u.cpu().numpy().astype(np.float64)
-    frr_lt = pos_le_np - u_cnt.cpu().numpy()  # #{p < u_k}
+    frr_lt = pos_le - u_cnt  # #{p < u_k}
 
     res = dict(n_pos=n_pos, n_neg=n_neg, verify_count=n_pos + n_neg, n_images=n_img, n_captions=n_cap,
                n_same_id_pairs=n_same - n_pos, top_k=top_k)
-    pos_min, pos_max = float(u[0]), float(u[-1])
-    res["score_min"] = min(pos_min, neg_min) if n_neg else pos_min
-    res["score_max"] = max(pos_max, neg_max) if n_neg else pos_max
-    res["pos_score_mean"] = float(pos_s.double().mean())
+    res["score_min"] = min(lo_u, neg_min) if n_neg else lo_u
+    res["score_max"] = max(hi_u, neg_max) if n_neg else hi_u
+    res["pos_score_mean"] = float(pos_s.astype(np.float64).mean())
 
     if n_neg:
         if n_neg * n_pos < (1 << 62):
-            d = np.abs(far_ge.astype(np.int64) * n_pos - frr_lt.astype(np.int64) * n_neg)
+            d = np.abs(far_ge * n_pos - frr_lt * n_neg)
         else:  # exact big integers
             d = np.abs(far_ge.astype(object) * n_pos - frr_lt.astype(object) * n_neg)
         k = int(np.argmin(d))
-        far_e, frr_e = float(far_ge[k]) / n_neg, float(frr_lt[k]) / n_pos
-        res.update(eer=100.0 * (far_e + frr_e) / 2, eer_threshold=float(u_np[k]), eer_far=100.0 * far_e,
+        far_e, frr_e = int(far_ge[k]) / n_neg, int(frr_lt[k]) / n_pos
+        res.update(eer=100.0 * (far_e + frr_e) / 2, eer_threshold=float(u[k]), eer_far=100.0 * far_e,
                    eer_frr=100.0 * frr_e)
     else:
         res.update(eer=None, eer_threshold=None, eer_far=None, eer_frr=None)
 
-    top_vals = None
-    if K:
-        top_vals = torch.sort(torch.cat(buf), descending=True).values[:K].cpu().numpy()
+    top_vals = -np.sort(-np.concatenate(buf))[:K] if K else None  # descending
     lv = []
     for x, kx in zip(levels, ks):
         e = dict(far=x, label=format_far(x), resolvable=bool(n_neg and (kx > 0 or x == 0.0)), allowed=kx)
         if e["resolvable"]:
-            v = float(top_vals[kx])  # the (k+1)-th largest negative
-            thr = _next_up(v)
-            b = int(np.searchsorted(u_np, v, side="right"))  # distinct positives <= v
-            n_rej = int(pos_le_np[b - 1]) if b else 0
+            v = top_vals[kx]  # the (k+1)-th largest negative
+            b = int(np.searchsorted(u, v, side="right"))  # distinct positives <= v
             n_fa = int(np.count_nonzero(top_vals[:kx + 1] > v))
-            e.update(frr=100.0 * n_rej / n_pos, threshold=thr, far_actual=100.0 * n_fa / n_neg, false_accepts=n_fa)
+            e.update(frr=100.0 * (int(pos_le[b - 1]) if b else 0) / n_pos, threshold=_next_up(v),
+                     far_actual=100.0 * n_fa / n_neg, false_accepts=n_fa)
         else:
             e.update(frr=None, threshold=None, far_actual=None, false_accepts=None)
         lv.append(e)
     res["far_levels"] = lv
 
-    # error lists
-    if top_k:
-        ps, pi, pj = (t.cpu().numpy() for t in (pos_s, pos_i, pos_j))
-        o = np.lexsort((pj, pi, ps))[:top_k]
-        res["false_rejects"] = [(int(pi[q]), int(pj[q]), float(ps[q])) for q in o]
-        res["false_accepts"] = [] if fa is None else [(int(i), int(j), float(s)) for s, i, j in zip(*fa)]
-    else:
-        res["false_rejects"], res["false_accepts"] = [], []
+    o = np.lexsort((pos_j, pos_i, pos_s))[:top_k]
+    res["false_rejects"] = [(int(pos_i[q]), int(pos_j[q]), float(pos_s[q])) for q in o]
+    res["false_accepts"] = [] if fa is None else [(int(i), int(j), float(s)) for s, i, j in zip(*fa)]
     return res
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # retrieval
 
-def _desc_keys(S, col0=0):
-    """int64 keys whose ascending order is (score descending, column ascending): exact ranking with ties by index."""
-    S.add_(0.0)  # -0.0 -> +0.0 so that the two zeros tie
-    bits = S.view(torch.int32)
-    key = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)  # monotone in the float value
-    key.mul_(-(1 << 32))
-    key.add_(torch.arange(col0, col0 + S.shape[1], device=S.device, dtype=torch.int64))
-    return key
-
-
 def retrieval(query_emb, query_pids, gallery_emb, gallery_pids, ks=(1, 5, 10), block=DEFAULT_BLOCK,
-              normalize=False):
-    """Ranking metrics as IRRA's evaluator computes them, in percent.
+              normalize=False, progress=False, _prepared=False, _name="retrieval"):
+    """Ranking metrics as IRRA's evaluator computes them, in percent. progress=True: see `verification`.
 
     Each query ranks the whole gallery by score (dot product, float32) descending; equal scores are ordered by
     gallery index ascending (a stable sort), so results are deterministic. A hit is any gallery item with the
@@ -380,61 +401,79 @@ def retrieval(query_emb, query_pids, gallery_emb, gallery_pids, ks=(1, 5, 10), b
       R@K: 100 if r_1 <= K;  AP = mean_k (k / r_k);  INP = P / r_P  (mINP: the rank of the hardest positive).
     R@K, mAP, mINP are means over queries that have at least one positive; queries without one are excluded
     and counted (n_excluded). Used both ways: text->image (queries = captions) and image->text.
-    Blockwise over queries (block // n_gallery rows at a time): the rank of each positive is
-    #{gallery items ordered before or at it}, counted by a batched binary search of every item among the row's
-    sorted positive keys -- no full sort of the gallery, no dense Q x G matrix.
+
+    Tile by tile (at most `block` scores at once), no full sort: the (query, positive) pairs are scored first
+    (a dot product each; the tiles use these scores for them, so every pair has one score); then only gallery
+    items scoring at least the row's worst positive can precede a positive, so just those are ranked, by exact
+    integer keys (row, score descending, gallery index) and a binary search among the row's positives' keys:
+    rank(k-th positive) = #{items with fewer than k positives before them}.
     """
-    q = _emb(query_emb, "query_emb", normalize=normalize)
+    q, g = (query_emb, gallery_emb) if _prepared else \
+        _pair(query_emb, "query_emb", gallery_emb, "gallery_emb", normalize)
     dev = q.device
-    g = _emb(gallery_emb, "gallery_emb", device=dev, normalize=normalize)
-    if q.shape[1] != g.shape[1]:
-        raise ValueError(f"query_emb is {q.shape[1]}-d but gallery_emb is {g.shape[1]}-d")
     n_q, n_g = q.shape[0], g.shape[0]
-    qp = _ints(query_pids, "query_pids", n_q, dev)
-    gp = _ints(gallery_pids, "gallery_pids", n_g, dev)
+    qp = _ints(query_pids, "query_pids", n_q)
+    gp = _ints(gallery_pids, "gallery_pids", n_g)
     ks = [int(k) for k in ks]
     if any(k < 1 for k in ks):
         raise ValueError(f"ks must be >= 1, got {ks}")
-    if n_g >= (1 << 31):
-        raise ValueError("gallery too large (>= 2^31 items)")
-    rows = _rows_per_block(block, n_g)
+    rows, cols = _tiles(n_q, n_g, block)
+    rows = min(rows, max(1, (1 << 30) // max(1, n_g)))  # keys: row bits + index bits <= 31
+    gbits = max(1, int(n_g - 1).bit_length())
+
+    def keys(rr, cc, vals):  # ascending = (row asc, score desc, gallery index asc), exact integers < 2^63
+        bits = (vals + np.float32(0.0)).view(np.uint32)  # -0.0 + 0.0 = +0.0: the two zeros tie
+        desc = np.where(bits < 0x80000000, bits ^ np.uint32(0x7FFFFFFF), bits).astype(np.int64)
+        return (rr.astype(np.int64) << (32 + gbits)) | (desc << gbits) | cc.astype(np.int64)
+
+    # every (query, positive) pair, scored once by a dot product; the tiles take these scores for those pairs
     same = _SameId(gp)
-    gT = g.t()
+    pr, pc, npos_all = same.pairs(qp)
+    ps = np.empty(len(pr), np.float32)
+    chunk = max(1, int(block) // max(1, q.shape[1]))
+    for a in range(0, len(pr), chunk):
+        ii, jj = (torch.from_numpy(x[a:a + chunk]).to(dev) for x in (pr, pc))
+        ps[a:a + chunk] = (q[ii] * g[jj]).sum(1).cpu().numpy()
+    first_pair = np.concatenate([[0], np.cumsum(npos_all)])
+
     hits = np.zeros(len(ks), np.int64)
     ap_sum = inp_sum = 0.0
     n_valid = 0
+    report = _Progress(_name, n_q) if progress else None
     for q0 in range(0, n_q, rows):
+        if report:
+            report(q0)
         q1 = min(n_q, q0 + rows)
-        r, c, npos = same.pairs(qp[q0:q1])
-        if not len(r):
+        npos = npos_all[q0:q1]
+        if not npos.any():
             continue
-        S = torch.mm(q[q0:q1], gT)
-        key = _desc_keys(S)
-        del S
-        B = q1 - q0
-        p_max = int(npos.max())
-        first = torch.cumsum(npos, 0) - npos
-        slot = torch.arange(len(r), device=dev) - first[r]
-        pk = torch.full((B, p_max), torch.iinfo(torch.int64).max, dtype=torch.int64, device=dev)
-        pk[r, slot] = key[r, c]
-        pk = torch.sort(pk, dim=1).values
-        # b = #{positives ordered before the item}; rank(k-th positive) = #{items with b <= k-1}
-        b = torch.searchsorted(pk, key, right=False)
-        del key
-        b.add_(torch.arange(B, device=dev, dtype=torch.int64)[:, None] * (p_max + 1))
-        cnt = torch.bincount(b.view(-1), minlength=B * (p_max + 1)).view(B, p_max + 1)
-        del b
-        ranks = torch.cumsum(cnt, 1)[:, :p_max].double()  # rank of the k-th positive (1-based), k < npos valid
+        B, p_max = q1 - q0, int(npos.max())
+        sl = slice(first_pair[q0], first_pair[q1])
+        r, c, v = pr[sl] - q0, pc[sl], ps[sl]
+        worst = np.full(B, np.inf, np.float32)
+        np.minimum.at(worst, r, v)
+        pk = np.sort(keys(r, c, v))
+        before = np.cumsum(npos) - npos  # positives of earlier rows (pk is sorted by row first)
+        cnt = np.zeros(B * (p_max + 1), np.int64)
+        for j0 in range(0, n_g, cols):
+            S = _scores(q[q0:q1], g[j0:j0 + cols].t())
+            C = S.shape[1]
+            inside = (c >= j0) & (c < j0 + C)
+            S[r[inside], c[inside] - j0] = v[inside]  # the positives' own scores
+            # only items scoring at least the row's worst positive can precede a positive
+            sel = np.flatnonzero(S >= worst[:, None])
+            sr, sc = np.divmod(sel, C)
+            nb = np.searchsorted(pk, keys(sr, sc + j0, S.reshape(-1)[sel]), side="left") - before[sr]
+            cnt += np.bincount(sr * (p_max + 1) + nb, minlength=B * (p_max + 1))
+        # rank of the k-th positive (1-based) = #{items with fewer than k positives before them}
+        ranks = np.cumsum(cnt.reshape(B, p_max + 1), axis=1)[:, :p_max].astype(np.float64)
         valid = npos > 0
-        kk = torch.arange(1, p_max + 1, device=dev, dtype=torch.float64)
+        kk = np.arange(1, p_max + 1, dtype=np.float64)
         inside = kk[None, :] <= npos[:, None]
-        ap = torch.where(inside, kk[None, :] / ranks, torch.zeros((), dtype=torch.float64, device=dev)).sum(1)
-        ap = ap[valid] / npos[valid]
-        last = ranks[valid, npos[valid] - 1]
-        inp = npos[valid] / last
+        ap = np.where(inside, kk[None, :] / np.maximum(ranks, 1), 0.0).sum(1)[valid] / npos[valid]
+        inp = npos[valid] / ranks[valid, npos[valid] - 1]
         r1 = ranks[valid, 0]
-        for t, k in enumerate(ks):
-            hits[t] += int((r1 <= k).sum())
+        hits += [int((r1 <= k).sum()) for k in ks]
         ap_sum += float(ap.sum())
         inp_sum += float(inp.sum())
         n_valid += int(valid.sum())
@@ -451,14 +490,16 @@ def retrieval(query_emb, query_pids, gallery_emb, gallery_pids, ks=(1, 5, 10), b
 # both, and the headline numbers
 
 def evaluate_embeddings(img_emb, cap_emb, cap_img_index, img_pids, cap_pids, far_levels=DEFAULT_FAR_LEVELS,
-                        top_k=15, ks=(1, 5, 10), block=DEFAULT_BLOCK, normalize=False):
+                        top_k=15, ks=(1, 5, 10), block=DEFAULT_BLOCK, normalize=False, progress=False):
     """verification + text->image and image->text retrieval on the same embeddings.
     Returns {"verification": ..., "t2i": ..., "i2t": ..., "headline": flat dict (see `headline`)}."""
-    img = _emb(img_emb, "img_emb", normalize=normalize)  # convert once, share between the three
-    cap = _emb(cap_emb, "cap_emb", device=img.device, normalize=normalize)
-    v = verification(img, cap, cap_img_index, img_pids, cap_pids, far_levels=far_levels, top_k=top_k, block=block)
-    t2i = retrieval(cap, cap_pids, img, img_pids, ks=ks, block=block)
-    i2t = retrieval(img, img_pids, cap, cap_pids, ks=ks, block=block)
+    img, cap = _pair(img_emb, "img_emb", cap_emb, "cap_emb", normalize)  # convert and check once for all three
+    v = verification(img, cap, cap_img_index, img_pids, cap_pids, far_levels=far_levels, top_k=top_k, block=block,
+                     progress=progress, _prepared=True)
+    t2i = retrieval(cap, cap_pids, img, img_pids, ks=ks, block=block, progress=progress, _prepared=True,
+                    _name="retrieval t2i")
+    i2t = retrieval(img, img_pids, cap, cap_pids, ks=ks, block=block, progress=progress, _prepared=True,
+                    _name="retrieval i2t")
     out = dict(verification=v, t2i=t2i, i2t=i2t)
     out["headline"] = headline(out)
     return out

@@ -30,8 +30,8 @@ def _parse_size(v):
     if isinstance(v, int):
         v = [v, v]
     v = [int(s) for s in v]
-    if len(v) != 2 or min(v) < 32:
-        raise ValueError(f"image_size must be H,W with both >= 32 (backbones have stride 32), got {v}")
+    if len(v) != 2 or min(v) < 16:  # same floor as opts.py; at stride 32 the last map is then 1x1
+        raise ValueError(f"image_size must be H,W with both >= 16, got {v}")
     return v
 
 

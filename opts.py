@@ -66,7 +66,7 @@ def get_args_parser(add_help=False):
 
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--output_dir", default="logs", help="runs go to <output_dir>/expModel-<backbone>-<H>x<W>-<dim>/<run>/")
-    g.add_argument("--run", default=None, help="run folder name (default: the next free number; with --resume auto: the newest)")
+    g.add_argument("--run_name", default=None, help="run folder name (default: the next free number; with --resume auto: the newest)")
     g.add_argument("--resume", default="", help="'auto' (continue from the run's last.pt if any) or a checkpoint path")
     g.add_argument("--log_every", type=int, default=20)
     g.add_argument("--save_every", type=int, default=1000)

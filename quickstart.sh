@@ -27,7 +27,7 @@ step "3/8 the teacher's table on the held-out identities"
 $PY evaluation_labels.py --data "$DATA" --embedding_path "$OUT/embeddings" --top_k 5
 
 step "4/8 train the student ($ITERS iterations, CPU)"
-$PY main.py --data "$DATA" --embedding_path "$OUT/embeddings" --output_dir "$OUT/logs" --run quickstart \
+$PY main.py --data "$DATA" --embedding_path "$OUT/embeddings" --output_dir "$OUT/logs" --run_name quickstart \
   --resume auto --backbone mobile_tiny --text_backbone char_tiny --image_size 128x64 --feature_dim 256 \
   --batch_size 64 --iters "$ITERS" --warmup 50 --lr 2e-3 --eval_every 200 --save_every 200 --log_every 50 \
   --workers 2

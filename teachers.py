@@ -136,10 +136,12 @@ class HFTeacher:
         if kind in ("siglip", "siglip2"):
             # SigLIP was trained on lowercased text padded to 64 tokens without an attention mask, and pools the
             # last position: any other padding changes the embedding
-            self.text_kwargs = dict(padding="max_length", truncation=True, max_length=min(SIGLIP_TEXT_LEN, max_pos or SIGLIP_TEXT_LEN))
+            self.text_kwargs = dict(padding="max_length", truncation=True,
+                                    max_length=min(SIGLIP_TEXT_LEN, max_pos or SIGLIP_TEXT_LEN))
             self.lowercase, self.text_mask = True, False
         else:
-            cap = max_pos or min(getattr(tokenizer, "model_max_length", 512) or 512, 512)
+            tok_max = getattr(tokenizer, "model_max_length", None)  # 1e30-ish sentinel when a repo leaves it unset
+            cap = min(n for n in (max_pos, tok_max, 512) if isinstance(n, int) and n > 0)  # XLM-R: 514 pos, 512 usable
             self.text_kwargs = dict(padding=True, truncation=True, max_length=cap)
             self.lowercase, self.text_mask = False, True
         self.logit_scale = self.logit_bias = None

@@ -9,8 +9,10 @@ The table lookup is kept OUT of the exported graph (NPU runtimes lack Embedding/
     ids, mask = encode_batch(["a man in a red coat"], max_len=64)
     emb = enc(torch.from_numpy(ids), torch.from_numpy(mask))        # [1, 512], not normalised
 
-Graph ops: MatMul/Gemm, Add, Mul, Sub, Softmax, LayerNormalization, Relu, Reshape, Transpose, Slice,
-ReduceSum, Div, Max (ReLU rather than GELU: Gelu/Erf are missing on many NPUs and it matters little here).
+Exported ops (torch 2.14, both exporters): MatMul, Gemm, Add, Mul, Sub, Div, Softmax, LayerNormalization, Relu,
+Reshape, Transpose, Split, Slice, ReduceSum, Clip, plus shape plumbing for the dynamic B and L (Shape, Concat,
+Unsqueeze; the TorchScript exporter also Gathers from shape vectors, never from an input). ReLU rather than
+GELU: Gelu/Erf are missing on many NPUs.
 Pooling is the masked mean over all real tokens (CLS included), not the CLS output: with only 2-6 layers
 every character then has a direct path to the embedding, where a CLS readout would depend on attention
 having gathered everything into one token (and the sentence-transformers teacher mean-pools too).

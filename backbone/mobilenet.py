@@ -1,7 +1,8 @@
 """mobile_*: MobileNetV2-style inverted residuals with plain ReLU (NPU-friendly: Conv, ReLU, Add, pooling).
 
-Sizes (params without projection head; see README table): mobile_tiny ~0.4M, mobile_small ~1.9M,
-mobile_base ~4M. Override any of width_mult / depth_mult / num_features as kwargs.
+Sizes (params, no projection head): mobile_tiny 0.55M, mobile_small 2.1M, mobile_base 4.1M.
+Override width_mult / depth_mult / num_features / stem_channels as kwargs:
+    create_backbone("mobile_tiny", width_mult=0.75)
 """
 import math
 

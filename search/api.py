@@ -1,4 +1,4 @@
-"""Text -> person search over an enrolled collection, from the command line (and the `Searcher` class).
+r"""Text -> person search over an enrolled collection, from the command line (and the `Searcher` class).
 
     cd search
     python api.py --image-root xm_images --image_feature collection/person_features_features.npy \

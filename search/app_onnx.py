@@ -1,4 +1,4 @@
-"""Web UI: search an enrolled gallery with the exported student text model (model_text.onnx), no torch.
+r"""Web UI: search an enrolled gallery with the exported student text model (model_text.onnx), no torch.
 
     cd search
     python app_onnx.py --image-root xm_images --image_feature collection/person_features_features.npy \

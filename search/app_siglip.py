@@ -1,4 +1,4 @@
-"""Web UI with an HF teacher's text tower (SigLIP / SigLIP2 / mexma-siglip2) as the query encoder.
+r"""Web UI with an HF teacher's text tower (SigLIP / SigLIP2 / mexma-siglip2) as the query encoder.
 
     python search/app_siglip.py --teacher google/siglip2-base-patch16-224 --image-root xm_images \
         --image_feature collection/person_features_siglip2_features.npy --port 5005

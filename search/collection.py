@@ -1,4 +1,4 @@
-"""The gallery collection format (DESIGN §9) — the only module that reads or writes it.
+r"""The gallery collection format (DESIGN §9) — the only module that reads or writes it.
 
 Files of a collection with prefix P (e.g. `collection/person_features`):
     P_features.npy     float32 [N, D], rows L2-normalised
@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import shutil
-from pathlib import Path
 
 import numpy as np
 

@@ -1,4 +1,4 @@
-"""Torch-free inference core of `search/`: the exported ONNX models, their preprocessing, and the text path.
+r"""Torch-free inference core of `search/`: the exported ONNX models, their preprocessing, and the text path.
 
 Reads what `export_model.py` writes (docs/INTERFACES.md, "Export"):
     model_info.json, model_image.onnx (input `image` [B,3,H,W]), model_text.onnx (inputs `text_embeds` [B,L,E],

@@ -19,9 +19,7 @@ import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from search.collection import CollectionError, Enrolment, prefix_paths
@@ -204,6 +202,21 @@ def _decode_task(image_dir, rel, templates, prepare):
     return ok, degen, None
 
 
+def _lock(prefix):
+    """Exclusive advisory lock on PREFIX.lock so two enrolments never interleave their writes."""
+    import fcntl
+
+    path = f"{prefix}.lock"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    f = open(path, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise EnrolError(f"another enrolment is writing {prefix} (lock {path}); wait for it to finish") from None
+    return f
+
+
 def run_enrolment(args, encoder, log=None):
     """encoder: .model_record (dict with kind/signature/space/dim), .dim, .prepare(img, bbox) -> payload,
     .embed(list of payloads) -> float32 [B,D] unit norm. Returns a stats dict."""
@@ -216,6 +229,14 @@ def run_enrolment(args, encoder, log=None):
     boxes, invalid = (load_boxes(args.boxes, image_dir, args.min_score) if args.boxes else (None, 0))
     tasks, stats = plan(image_dir, boxes)
     stats["invalid_boxes"] = invalid
+    lock = _lock(args.output_prefix)  # one writer per collection
+    try:
+        return _run_locked(args, encoder, log, image_dir, boxes, tasks, stats)
+    finally:
+        lock.close()
+
+
+def _run_locked(args, encoder, log, image_dir, boxes, tasks, stats):
     enr = Enrolment(args.output_prefix, encoder.model_record, rebuild=args.rebuild, log=log)
     existing = enr.total
     todo, seen = [], set()

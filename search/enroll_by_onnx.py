@@ -1,4 +1,4 @@
-"""Enrol a folder of gallery images with the exported student image model (model_image.onnx).
+r"""Enrol a folder of gallery images with the exported student image model (model_image.onnx).
 
     # from the repo root
     python search/enroll_by_onnx.py --image-dir xm_images --output-prefix collection/person_features \

@@ -1,4 +1,4 @@
-"""Enrol a gallery with an HF image-text teacher's image tower (SigLIP / SigLIP2 / mexma-siglip2 / CLIP).
+r"""Enrol a gallery with an HF image-text teacher's image tower (SigLIP / SigLIP2 / mexma-siglip2 / CLIP).
 
     python search/enroll_by_siglip.py --teacher google/siglip2-base-patch16-224 \
         --image-dir xm_images --output-prefix collection/person_features_siglip2

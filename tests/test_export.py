@@ -44,15 +44,27 @@ def _cfg(**kw):
 def _make_ckpt(path, **kw):
     torch.manual_seed(0)
     model = build_model(_cfg(**kw))
-    with torch.no_grad():  # non-trivial BN statistics and biases so that folding has something to get wrong
+    with torch.no_grad():
+        # An untrained model maps every input to nearly the same embedding (small init; a deep random CNN's
+        # pooled features barely depend on the image), which would let any parity check pass trivially. So:
+        # fan-in scaled Linear weights, unit-variance character table, and BN statistics calibrated on a batch
+        # of images (real, non-default running stats: folding has something to get wrong).
         for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.5, 0.5)
-                m.running_var.uniform_(0.5, 2.0)
+            if isinstance(m, torch.nn.Linear):
+                m.reset_parameters()
+            elif isinstance(m, torch.nn.Embedding):
+                m.weight.normal_(0, 1)
+            elif isinstance(m, torch.nn.BatchNorm2d):
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.2, 0.2)
-            elif isinstance(m, torch.nn.Linear):
-                m.bias.normal_(0, 0.02)
+                m.momentum = None  # cumulative average over the calibration batch
+        model.text_encoder.pos_embed.normal_(0, 0.1)
+        if not model.text_only:
+            imgs = [im for _, im in export_model.synthetic_images(8, seed=1)]
+            model.train()
+            model.encode_image(torch.from_numpy(np.stack([preprocess(im, None, (64, 32), export_model.IMAGENET_MEAN,
+                                                                     export_model.IMAGENET_STD) for im in imgs])))
+            model.eval()
     save_checkpoint(path, {"model": model.state_dict(), "model_cfg": model.cfg, "optimizer": {}, "scaler": {},
                            "scheduler": {}, "step": 0, "args": {}, "rng": {"torch": torch.get_rng_state()},
                            "criterion": {}})
@@ -82,11 +94,20 @@ def _cos_min(a, b):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
+    """One export with --int8 -> (ckpt, out_dir, failure message or None). The int8 image CNN may miss its cosine
+    bound (ORT's dynamic int8 is poor on depthwise / BN-folded CNNs): then everything else is written, that file
+    is not, and the export fails with a message naming it (main() turns it into exit code 1)."""
     d = tmp_path_factory.mktemp("export")
     ckpt = _make_ckpt(d / "student.pt")
     out = d / "out"
-    export_model.main(_args(ckpt, out, "--int8", "--batch_check", "3"))
-    return ckpt, out
+    try:
+        with torch.no_grad():
+            export_model.export(_args(ckpt, out, "--int8", "--batch_check", "3"))
+        failure = None
+    except export_model.ExportFailure as e:
+        assert e.code == 1
+        failure = str(e)
+    return ckpt, out, failure
 
 
 # ------------------------------------------------------------------------------------------------ checkpoint.py
@@ -120,10 +141,11 @@ def test_checkpoint_atomic_roundtrip_and_refusals(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ export
 def test_files_and_model_info(exported):
-    _, out = exported
+    _, out, failure = exported
     names = sorted(os.listdir(out))
-    assert names == ["input_embeddings.pt.npy", "model_image.int8.onnx", "model_image.onnx", "model_info.json",
-                     "model_text.int8.onnx", "model_text.onnx"]  # and no tmp leftovers
+    image_int8 = [] if failure else ["model_image.int8.onnx"]
+    assert names == sorted(["input_embeddings.pt.npy", "model_image.onnx", "model_info.json", "model_text.int8.onnx",
+                            "model_text.onnx"] + image_int8)  # and no tmp leftovers
     info = json.loads((out / "model_info.json").read_text())
     assert info == {"format_version": 1, "image_size": [64, 32], "mean": [0.485, 0.456, 0.406],
                     "std": [0.229, 0.224, 0.225], "max_seq_length": MAX_LEN, "vocab_size": VOCAB,
@@ -136,7 +158,7 @@ def test_files_and_model_info(exported):
 
 
 def test_graph_contract(exported):
-    _, out = exported
+    _, out, _ = exported
     img = onnx.load(out / "model_image.onnx")
     txt = onnx.load(out / "model_text.onnx")
 
@@ -172,7 +194,7 @@ def test_gather_check_is_not_vacuous(tmp_path):
 
 
 def test_image_parity_batch_1_and_3(exported):
-    ckpt, out = exported
+    ckpt, out, _ = exported
     model = _torch_model(ckpt)  # unfolded, straight from the checkpoint
     info = json.loads((out / "model_info.json").read_text())
     imgs = [im for _, im in export_model.synthetic_images(3, seed=7)]
@@ -184,18 +206,21 @@ def test_image_parity_batch_1_and_3(exported):
         assert got.shape == (b, DIM)
         assert np.abs(got - ref).max() < 1e-4 and _cos_min(got, ref) >= 0.9999
         assert np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-4)
+    # different images give clearly different embeddings, so the parity above is not a constant-output artefact
+    assert _cos_min(got[:1], got[1:2]) < 0.99
 
 
 def test_text_parity_search_path_dynamic_b_and_l(exported):
-    ckpt, out = exported
+    ckpt, out, _ = exported
     model = _torch_model(ckpt)
     table = np.load(out / "input_embeddings.pt.npy", allow_pickle=False)
     ids, mask = charmap.encode_batch(TEXTS, max_len=MAX_LEN, vocab_size=VOCAB)
-    # the never-seen characters really land in the hashed rows (beyond the direct Latin range)
-    assert (ids[3][mask[3]][1:] >= 0x253).all()
+    # the never-seen characters (all but the spaces) really land in the hashed rows beyond the direct range
+    rows = ids[3][mask[3]][1:]
+    assert (rows[rows != charmap.char_row(ord(" "), VOCAB)] >= 0x253).all() and len(rows) > 10
     sess = _sess(out / "model_text.onnx")
     outs = {}
-    for L in (MAX_LEN, 10):
+    for L in (MAX_LEN, 10, 1):  # search/ trims to the longest query: L=1 is an empty query (just CLS)
         for b in (1, len(TEXTS)):
             x = charmap.lookup(table, ids[:b, :L])  # exactly what search/ feeds the graph
             got = sess.run(["embedding"], {"text_embeds": x, "text_mask": mask[:b, :L].astype(np.float32)})[0]
@@ -203,24 +228,31 @@ def test_text_parity_search_path_dynamic_b_and_l(exported):
             assert got.shape == (b, DIM)
             assert _cos_min(got, ref) >= 0.9999 and np.abs(got - ref).max() < 1e-4, (L, b)
             outs[(L, b)] = got
+    assert _cos_min(outs[(MAX_LEN, len(TEXTS))][:1], outs[(MAX_LEN, len(TEXTS))][1:2]) < 0.99
     # L really changes the input (truncation), so the two L runs are not the same computation twice
     assert not np.allclose(outs[(MAX_LEN, len(TEXTS))][0], outs[(10, len(TEXTS))][0], atol=1e-3)
 
 
 def test_int8_smaller_and_close(exported):
-    ckpt, out = exported
+    ckpt, out, failure = exported
     model = _torch_model(ckpt)
-    for name in ("model_image", "model_text"):
-        assert (out / f"{name}.int8.onnx").stat().st_size < 0.6 * (out / f"{name}.onnx").stat().st_size
     table = np.load(out / "input_embeddings.pt.npy")
     ids, mask = charmap.encode_batch(TEXTS, max_len=MAX_LEN, vocab_size=VOCAB)
+    # text transformer: dynamic int8 always meets the bound
+    assert (out / "model_text.int8.onnx").stat().st_size < 0.6 * (out / "model_text.onnx").stat().st_size
     got = _sess(out / "model_text.int8.onnx").run(
         ["embedding"], {"text_embeds": charmap.lookup(table, ids), "text_mask": mask.astype(np.float32)})[0]
     assert _cos_min(got, model.encode_text(torch.from_numpy(ids), torch.from_numpy(mask)).detach().numpy()) >= 0.98
-    x = np.stack([preprocess(im, None, (64, 32), export_model.IMAGENET_MEAN, export_model.IMAGENET_STD)
-                  for _, im in export_model.synthetic_images(2, seed=3)])
-    got = _sess(out / "model_image.int8.onnx").run(["embedding"], {"image": x})[0]
-    assert _cos_min(got, model.encode_image(torch.from_numpy(x)).detach().numpy()) >= 0.98
+    # image CNN: either written and within the bound, or refused by name (never a bad file under the real name)
+    f = out / "model_image.int8.onnx"
+    if failure is None:
+        assert f.stat().st_size < 0.6 * (out / "model_image.onnx").stat().st_size
+        x = np.stack([preprocess(im, None, (64, 32), export_model.IMAGENET_MEAN, export_model.IMAGENET_STD)
+                      for _, im in export_model.synthetic_images(3, seed=3)])
+        got = _sess(f).run(["embedding"], {"image": x})[0]
+        assert _cos_min(got, model.encode_image(torch.from_numpy(x)).detach().numpy()) >= 0.98
+    else:
+        assert not f.exists() and "model_image.int8.onnx" in failure and "\n" not in failure
 
 
 def test_text_only_exports_without_image_graph(tmp_path, capsys):
@@ -240,7 +272,8 @@ def test_text_only_exports_without_image_graph(tmp_path, capsys):
     got = sess.run(["embedding"], {"text_embeds": charmap.lookup(np.load(out / "input_embeddings.pt.npy"), ids),
                                    "text_mask": mask.astype(np.float32)})[0]
     assert got.dtype == np.float32
-    assert _cos_min(got, model.encode_text(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()) >= 0.999
+    ref = model.encode_text(torch.from_numpy(ids), torch.from_numpy(mask)).detach().numpy()
+    assert _cos_min(got, ref) >= 0.999
 
 
 def test_refuses_non_student_in_process(tmp_path, capsys):
@@ -270,9 +303,9 @@ def test_cli_refuses_plain_state_dict(tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def test_verification_catches_a_wrong_graph(exported, tmp_path):
+def test_verification_catches_a_wrong_graph(exported):
     """The ORT check fails loudly: feeding it references from a different model must be reported."""
-    _, out = exported
+    _, out, _ = exported
     x = np.random.RandomState(0).randn(2, 3, 64, 32).astype(np.float32)
     wrong_ref = np.random.RandomState(1).randn(2, DIM).astype(np.float32)
     _, _, err = export_model.verify((out / "model_image.onnx").read_bytes(), [("x", {"image": x}, wrong_ref)],

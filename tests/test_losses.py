@@ -390,6 +390,21 @@ def test_unfilled_memory_slots_are_ignored():
         assert after[k].item() == before[k].item(), k
 
 
+def test_non_finite_rows_do_not_poison_the_memory():
+    crit = only(4, 4, memory_size=8, **ID_ON).train()
+    b = batch(B=4, Ds=4, Dt=4, seed=44, n_pids=2)
+    bad = b["s_img"].clone()
+    bad[1] = float("nan")
+    assert not torch.isfinite(call(crit, b, s_img=bad)["id_img"])  # this step is NaN (the trainer skips it) ...
+    assert crit.mem_filled.tolist() == [True, False, True, True] + [False] * 4
+    b2 = batch(B=4, Ds=4, Dt=4, seed=45, n_pids=2)
+    s_img = b2["s_img"].clone().requires_grad_(True)
+    d = call(crit, b2, s_img=s_img)  # ... the next one is not
+    total = sum(d.values())
+    total.backward()
+    assert torch.isfinite(total) and torch.isfinite(s_img.grad).all()
+
+
 def test_memory_warmup():
     b = batch(B=6, Ds=4, Dt=4, seed=42, n_pids=3)
     crit = only(4, 4, memory_size=8, memory_warmup=1, **ID_ON).train()

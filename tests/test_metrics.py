@@ -117,18 +117,24 @@ def check_retrieval(res, ref):
 # verification
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("block", [1, 37, 1 << 22])  # 1 row per block, a few rows, everything in one block
-def test_verification_matches_reference(seed, block):
+@pytest.mark.parametrize("block,tile_rows", [(1, 256), (37, 256), (50, 4), (1 << 22, 256)])
+def test_verification_matches_reference(seed, block, tile_rows, monkeypatch):
+    """1x1 tiles, 37 rows x 1 column, 4 rows x ~12 columns (2-D tiles), everything in one tile."""
+    monkeypatch.setattr(metrics, "_TILE_ROWS", tile_rows)
     img, cap, cii, ip, cp = make_case(seed)
     res = metrics.verification(img, cap, cii, ip, cp, far_levels=LEVELS, top_k=5, block=block)
     check_verification(res, ref_verification(img, cap, cii, ip, cp))
 
 
-@pytest.mark.parametrize("grid,cells", [(4, 16), (2, 16), (8, 1), (1024, 1)])
-def test_verification_ties(grid, cells, monkeypatch):
-    """Coarse grids: thousands of equal scores across positives, negatives and block boundaries; cells=1 puts
-    most scores in lookup cells that hold a positive (the exact-search path)."""
+@pytest.mark.parametrize("grid,cells,tile_rows,per_cell", [(4, 16, 256, 16), (4, 16, 3, 16), (2, 16, 5, 16),
+                                                           (8, 1, 256, 16), (1024, 1, 4, 16), (1024, 1, 4, 0)])
+def test_verification_ties(grid, cells, tile_rows, per_cell, monkeypatch):
+    """Coarse grids: thousands of equal scores across positives, negatives and tile boundaries (rows and columns);
+    cells=1 puts most scores in lookup cells that hold a positive (the look-closer path; per_cell=0: its binary
+    search fallback)."""
     monkeypatch.setattr(metrics, "_CELLS_PER_POSITIVE", cells)
+    monkeypatch.setattr(metrics, "_MAX_PER_CELL", per_cell)
+    monkeypatch.setattr(metrics, "_TILE_ROWS", tile_rows)
     img, cap, cii, ip, cp = make_case(10 + grid, n_id=15, dim=6, grid=grid, noise=0.7)
     S = img.astype(np.float64) @ cap.T
     if grid <= 8:
@@ -151,6 +157,9 @@ def test_verification_continuous_float32():
         assert res["eer"] == pytest.approx(ref["eer"], abs=0.2)
         assert res["eer_threshold"] == pytest.approx(ref["eer_threshold"], abs=1e-5)
         for e, r in zip(res["far_levels"], ref["levels"]):
+            assert e["resolvable"] == (r is not None)
+            if r is None:
+                continue
             assert e["frr"] == pytest.approx(r[0], abs=100 / res["n_pos"] + 1e-9)
             assert e["threshold"] == pytest.approx(r[1], abs=1e-5)
         for key in ("false_rejects", "false_accepts"):
@@ -211,7 +220,7 @@ def test_bad_input():
     img, cap, cii, ip, cp = make_case(0)
     with pytest.raises(ValueError, match="wrong order"):
         metrics.verification(img, cap, cp, ip, cii.clip(0))  # cap_pids and cap_img_index swapped
-    with pytest.raises(ValueError, match="cap_img_index: expected"):
+    with pytest.raises(ValueError, match="expected .* integers"):
         metrics.verification(img, cap, ip, cp, cii)  # the (img_pids, cap_pids, cap_img_index) order
     bad = img.copy()
     bad[0, 0] = np.nan
@@ -228,8 +237,10 @@ def test_bad_input():
 # ----------------------------------------------------------------------------------------------------------------
 # retrieval
 
-@pytest.mark.parametrize("grid,block", [(1024, 1), (1024, 100), (4, 7), (2, 1 << 22)])
-def test_retrieval_matches_reference(grid, block):
+@pytest.mark.parametrize("grid,block,tile_rows", [(1024, 1, 256), (1024, 100, 256), (1024, 60, 4), (4, 7, 256),
+                                                  (4, 40, 3), (2, 1 << 22, 256)])
+def test_retrieval_matches_reference(grid, block, tile_rows, monkeypatch):
+    monkeypatch.setattr(metrics, "_TILE_ROWS", tile_rows)
     img, cap, cii, ip, cp = make_case(7 + grid, n_id=15, dim=8, grid=grid)
     for q, qp, g, gp in ((cap, cp, img, ip), (img, ip, cap, cp)):
         check_retrieval(metrics.retrieval(q, qp, g, gp, block=block), ref_retrieval(q, qp, g, gp))
@@ -286,7 +297,8 @@ def test_printed_figures_and_error_lists():
     assert lines[2].split()[1] == f"{v['eer']:.4f}%"
     assert lines[3].split()[1] == f"{v['eer_threshold']:g}"
     assert lines[2].split()[2] == f"{v['far_levels'][0]['frr']:.4f}%"
-    assert lines[4] == f"Verify Count={v['n_pos'] + v['n_neg']}. Score in [ {v['score_min']:.2f} - {v['score_max']:.2f} ]"
+    assert lines[4] == (f"Verify Count={v['n_pos'] + v['n_neg']}. "
+                        f"Score in [ {v['score_min']:.2f} - {v['score_max']:.2f} ]")
     names = [f"{p}/img{i}.jpg" for i, p in enumerate(ip)]
     cnames = [f"{p}/cap{j}.jpg_caption" for j, p in enumerate(cp)]
     el = metrics.format_error_lists(v, names, cnames, 4).splitlines()
@@ -320,7 +332,8 @@ def _tiny_dataset(tmp_path, n_id=6):
                               counts, dim=8)
     rng = np.random.default_rng(0)
     cen = rng.normal(size=(n_id, 8))
-    c.write("image", np.arange(len(recs) - 1), cen[[r["id"] for r in records][:-1]] + 0.3 * rng.normal(size=(len(recs) - 1, 8)))
+    n_img = len(recs) - 1  # the last record gets no image embedding
+    c.write("image", np.arange(n_img), cen[[r["id"] for r in records][:n_img]] + 0.3 * rng.normal(size=(n_img, 8)))
     cap_pid = [records[r]["id"] for r, *_ in data.caption_rows(records)]
     c.write("caption", np.arange(n_cap), cen[cap_pid] + 0.5 * rng.normal(size=(n_cap, 8)))
     return path, tmp_path / "emb", records
@@ -346,13 +359,39 @@ def test_evaluation_labels_end_to_end(tmp_path):
     assert f"Verify Count={res['verification']['verify_count']}." in p.stdout
 
 
-def test_evaluation_labels_errors(tmp_path):
+def _run_inproc(capsys, *args):
+    import evaluation_labels
+    parser = evaluation_labels.get_args_parser(add_help=True)
+    with pytest.raises(SystemExit) as e:
+        evaluation_labels.main(parser.parse_args([str(a) for a in args]))
+    return e.value.code, capsys.readouterr().err
+
+
+def test_evaluation_labels_errors(tmp_path, capsys):
+    """Bad input ends with one `error: ...` line and exit status 2 (in-process: a subprocess each is slow)."""
     path, emb, _ = _tiny_dataset(tmp_path)
-    p = _run("--data", path, "--embedding_path", tmp_path / "nowhere")
-    assert p.returncode == 2 and p.stderr.startswith("error:") and "Traceback" not in p.stderr
+    code, err = _run_inproc(capsys, "--data", path, "--embedding_path", tmp_path / "nowhere")
+    assert code == 2 and err.startswith("error:") and "nowhere" in err
+    (tmp_path / "empty").mkdir()
+    code, err = _run_inproc(capsys, "--data", path, "--embedding_path", tmp_path / "empty")
+    assert code == 2 and "no teacher cache" in err
     other = tmp_path / "other.json"
     other.write_text(path.read_text().replace("view", "pose"))
-    p = _run("--data", other, "--embedding_path", emb)
-    assert p.returncode == 2 and "cache was built for" in p.stderr and len(p.stderr.strip().splitlines()) == 1
-    p = _run("--data", path, "--embedding_path", emb, "--langs", "zh")  # the dataset has no zh captions
-    assert p.returncode == 2 and "no zh caption rows" in p.stderr and "Traceback" not in p.stderr
+    code, err = _run_inproc(capsys, "--data", other, "--embedding_path", emb)
+    assert code == 2 and "cache was built for" in err and len(err.strip().splitlines()) == 1
+    code, err = _run_inproc(capsys, "--data", path, "--embedding_path", emb, "--langs", "zh")  # no zh captions
+    assert code == 2 and "no zh caption rows" in err
+    code, err = _run_inproc(capsys, "--data", path, "--embedding_path", emb, "--split", "test", "--test_ratio", "0",
+                            "--langs", "fr")
+    assert code == 2 and "--langs" in err
+
+
+def test_evaluation_labels_max_images(tmp_path, capsys):
+    import evaluation_labels
+    path, emb, _ = _tiny_dataset(tmp_path)
+    args = evaluation_labels.get_args_parser(add_help=True).parse_args(
+        ["--data", str(path), "--embedding_path", str(emb), "--max_images", "4", "--top_k", "2"])
+    res = evaluation_labels.main(args)
+    out = capsys.readouterr().out
+    assert ": 4 images, 8 captions (en), 2 identities" in out and "Top-2 False Rejected:" in out
+    assert res["verification"]["n_pos"] == 8 and res["verification"]["n_neg"] == 4 * 8 - 4 * 4

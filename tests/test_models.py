@@ -17,6 +17,16 @@ from model import build_model, default_model_cfg  # noqa: E402
 from search.charmap import encode_batch  # noqa: E402
 from text_encoder import create_text_encoder, list_text_backbones  # noqa: E402
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # tiny inputs gain nothing from intra-op threads, and on a shared 2-core box OpenMP spin-waiting
+    # made these tests ~5x slower; restore the setting for whatever runs next
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 TEXTS = ["A man in a red coat and blue jeans", "穿红色外套的女人", "girl 😀 w/ backpack"]
 
 

@@ -25,9 +25,9 @@ from search_fixtures import (REPO, make_export, no_torch_env, run_py, write_imag
 
 sys.path.insert(0, str(REPO))
 from search.api import Searcher, format_result  # noqa: E402
-from search.collection import CollectionError, Enrolment, load_collection, prefix_paths  # noqa: E402
+from search.collection import CollectionError, load_collection, prefix_paths  # noqa: E402
 from search.engine import ImageEncoder, TeacherTextEncoder, TextEncoder, load_export, preprocess  # noqa: E402
-from search.enroll import get_args_parser as enrol_args_parser, run_enrolment  # noqa: E402
+from search.enroll import EnrolError, _lock, get_args_parser as enrol_args_parser, run_enrolment  # noqa: E402
 from search.enroll_by_onnx import OnnxEnrolEncoder  # noqa: E402
 from search.index import build_index, get_index  # noqa: E402
 from search.webui import make_server, serve_in_thread  # noqa: E402
@@ -198,6 +198,12 @@ def test_append_only_reenrolment_and_resume(env, tmp_path):
     s = enrol(imgs, prefix, env.export)
     assert (s["new"], s["total"]) == (0, 9)
     assert load_collection(f"{prefix}_features.npy").features.shape == (9, 4)
+
+    # a second enrolment into the same collection while one is running is refused
+    held = _lock(prefix)
+    with pytest.raises(EnrolError, match="another enrolment"):
+        enrol(imgs, prefix, env.export)
+    held.close()
 
 
 def test_model_change_refused_unless_rebuild(env, tmp_path):
@@ -501,3 +507,30 @@ def test_page_escapes_query(server):
     assert page.count("<figure class=result>") == 3
     st, _, body = get(server.port, "/")
     assert st == 200 and b"<form" in body and b"<figure" not in body
+
+
+# ------------------------------------------------------------------------------------------- synthetic dataset
+def test_enrol_and_search_synthetic_pedes(env, synth_data, tmp_path):
+    """The project's synthetic SYNTH-PEDES images (nested Part1/<id>/<k>.jpg) through the CLI, torch blocked."""
+    records = json.loads(Path(synth_data).read_text())
+    root = Path(synth_data).parent
+    prefix = tmp_path / "pedes"
+    r = run_py([ENROL, "--image-dir", root, "--output-prefix", prefix, "--model_dir", env.export,
+                "--batch_size", "16", "--index", "hnsw"], env=env.env)
+    assert r.returncode == 0, r.stderr
+    assert f"enrolled {len(records)} new entries" in r.stdout and "skipped" not in r.stdout
+    assert os.path.exists(f"{prefix}_index.faiss")  # --index hnsw saves its index next to the features
+    c = load_collection(f"{prefix}_features.npy")
+    assert sorted(it["image"] for it in c.items) == sorted(rec["file_path"] for rec in records)
+    sample = c.items[:5]
+    ref = ImageEncoder(load_export(env.export)).encode([(Image.open(root / it["image"]), None) for it in sample])
+    np.testing.assert_allclose(c.features[:5], ref, atol=1e-5)
+    caps = [records[0]["captions"][0], records[0]["captions_zh"][0]]
+    r = run_py([API, "--image-root", root, "--image_feature", f"{prefix}_features.npy", "--model_dir", env.export,
+                "--queries", *caps, "--top-n", "5", "--index", "hnsw", "--ef_search", "200", "--json"], env=env.env)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["collection"]["index"] == "hnsw"
+    q = TextEncoder(str(env.export)).encode(caps)
+    for res, qv in zip(doc["queries"], q):
+        assert [x["row"] for x in res["results"]] == list(np.argsort(-(c.features @ qv))[:5])

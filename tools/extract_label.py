@@ -7,13 +7,15 @@ is flushed and its done-mask saved atomically, so a kill -9 loses at most one ba
 
 Single GPU (or CPU):
   python tools/extract_label.py --data SYNTH-PEDES/synthpedes-dataset.json --embedding_path embeddings
-  python tools/extract_label.py --data data.json --embedding_path embeddings --teacher /models/siglip2-so400m-patch16-512
+  python tools/extract_label.py --data data.json --embedding_path emb --teacher /models/siglip2-so400m-patch16-512
 Offline attribute teacher (packaged all-MiniLM-L6-v2, no download):
   python tools/extract_label.py --data data.json --embedding_path embeddings --teacher attributes
 Several GPUs (rank r embeds rows i % world_size == r into the same memmaps, one node):
-  torchrun --nproc_per_node=4 tools/extract_label.py --data SYNTH-PEDES/synthpedes-dataset.json --embedding_path embeddings
+  torchrun --nproc_per_node=4 tools/extract_label.py --data SYNTH-PEDES/synthpedes-dataset.json \
+      --embedding_path embeddings
 Custom-code teacher:
-  python tools/extract_label.py --data data.json --embedding_path emb_mexma --teacher visheratin/mexma-siglip2 --trust_remote_code
+  python tools/extract_label.py --data data.json --embedding_path emb_mexma --teacher visheratin/mexma-siglip2 \
+      --trust_remote_code
 """
 import argparse
 import os
@@ -197,8 +199,9 @@ def main(args):
         del batches  # shuts down the loader's workers before the next field
 
     if world > 1:
-        t = torch.tensor([computed[f] for f in FIELDS] + [n_missing, n_corrupt], dtype=torch.long)
-        dist.all_reduce(t)  # gloo and nccl both reduce CPU-side here: tiny tensor
+        t = torch.tensor([computed[f] for f in FIELDS] + [n_missing, n_corrupt], dtype=torch.long,
+                         device=teacher.device if dist.get_backend() == "nccl" else "cpu")  # nccl: CUDA tensors only
+        dist.all_reduce(t)
         *c, n_missing, n_corrupt = t.tolist()
         computed = dict(zip(FIELDS, c))
         dist.barrier()  # every rank's rows are written before rank 0 folds the done masks

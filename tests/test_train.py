@@ -1,0 +1,145 @@
+"""The trainer end to end on tiny synthetic data: logs, checkpoints, held-out eval, resume after kill -9,
+torchrun with two CPU processes, non-finite loss handling, and evaluation_model.py on the result."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from train_fixtures import make_fake_cache
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+ITER_RE = re.compile(r"Iter:(\d+)\| (.*)\| lr: ")
+
+
+@pytest.fixture(scope="module")
+def cache(synth_data, tmp_path_factory):
+    return make_fake_cache(synth_data, tmp_path_factory.mktemp("cache") / "emb", dim=32)
+
+
+def base_args(synth_data, cache, out, *extra):
+    return [sys.executable, str(ROOT / "main.py"), "--data", synth_data, "--embedding_path", cache,
+            "--output_dir", str(out), "--backbone", "mobile_tiny", "--text_backbone", "char_tiny",
+            "--image_size", "64x32", "--feature_dim", "32", "--batch_size", "8", "--workers", "0",
+            "--warmup", "2", "--memory_size", "64", *extra]
+
+
+def logged_losses(text):
+    out = {}
+    for m in ITER_RE.finditer(text):
+        out[int(m.group(1))] = {k: float(v.split()[0]) for k, v in (p.split(": ") for p in m.group(2).split("| "))}
+    return out
+
+
+def run_dir(out, name):
+    return out / "expModel-mobile_tiny-64x32-32" / name
+
+
+def test_train_logs_checkpoints_and_eval(synth_data, cache, tmp_path):
+    r = subprocess.run(base_args(synth_data, cache, tmp_path, "--run_name", "a", "--iters", "12", "--log_every", "1",
+                                 "--eval_every", "6", "--save_every", "6"),
+                       capture_output=True, text=True, env=ENV, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    losses = logged_losses(r.stdout)
+    assert sorted(losses) == list(range(1, 13))
+    for v in losses.values():  # the seed's terms are all there and finite
+        assert {"dist_rel", "id_img", "id_cap", "id_img_cap", "d_pos", "total"} <= set(v)
+        assert all(x == x and abs(x) < 1e6 for x in v.values())
+    assert re.search(r"Eval Iter:6\| eer: [\d.]+ .*r1: [\d.]+", r.stdout)
+    d = run_dir(tmp_path, "a")
+    for name in ("6.pt", "12.pt", "last.pt", "best.pt", "args.json", "train.log"):
+        assert (d / name).exists(), name
+    assert list(d.glob("events.out.tfevents.*"))
+    assert not list(d.glob("*.tmp*"))
+    ck = torch.load(d / "last.pt", weights_only=True)
+    assert ck["step"] == 12 and ck["model_cfg"]["feature_dim"] == 32 and ck["args"]["iters"] == 12
+    assert json.loads((d / "args.json").read_text())["backbone"] == "mobile_tiny"
+
+    # evaluation_model.py rebuilds the model from the checkpoint alone and prints the seed's table
+    e = subprocess.run([sys.executable, str(ROOT / "evaluation_model.py"), str(d / "last.pt"), "--workers", "0",
+                        "--json", str(tmp_path / "eval.json")], capture_output=True, text=True, env=ENV,
+                       timeout=300, cwd=ROOT)
+    assert e.returncode == 0, e.stdout[-2000:] + e.stderr[-2000:]
+    assert "EER      FAR=1e-3" in e.stdout and "Verify Count=" in e.stdout and "Top-5" not in e.stdout
+    assert "Top-15 False Rejected:" in e.stdout and "R@1" in e.stdout
+    res = json.loads((tmp_path / "eval.json").read_text())
+    assert res["n_images"] > 0 and 0 <= res["verification"]["eer"] <= 100
+
+
+def test_resume_after_kill_reproduces_next_step(synth_data, cache, tmp_path):
+    common = ["--run_name", "r", "--iters", "8", "--log_every", "1", "--save_every", "3", "--eval_every", "0"]
+    ref = subprocess.run(base_args(synth_data, cache, tmp_path / "ref", *common), capture_output=True, text=True,
+                         env=ENV, timeout=300, cwd=ROOT)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    ref_losses = logged_losses(ref.stdout)
+
+    # kill -9 as soon as the step-3 checkpoint is being written (maybe mid-write)
+    p = subprocess.Popen(base_args(synth_data, cache, tmp_path / "k", *common), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT)
+    deadline = time.time() + 240
+    for line in p.stdout:
+        if "Saving checkpoint" in line or time.time() > deadline:
+            break
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    d = run_dir(tmp_path / "k", "r")
+    for f in d.glob("*.pt"):  # whatever exists is a whole checkpoint, never a half-written one
+        torch.load(f, weights_only=True)
+
+    res = subprocess.run(base_args(synth_data, cache, tmp_path / "k", *common, "--resume", "auto"),
+                         capture_output=True, text=True, env=ENV, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = re.search(r"Resumed from .* at iteration (\d+)", res.stdout)
+    start = int(m.group(1)) if m else 0
+    got = logged_losses(res.stdout)
+    assert start + 1 in got and max(got) == 8
+    for step in range(start + 1, 9):
+        for k, v in ref_losses[step].items():
+            assert got[step][k] == pytest.approx(v, abs=2e-4), (step, k)
+
+
+def test_torchrun_two_cpu_processes(synth_data, cache, tmp_path):
+    cmd = base_args(synth_data, cache, tmp_path, "--run_name", "ddp", "--iters", "4", "--log_every", "1",
+                    "--eval_every", "0", "--save_every", "4", "--batch_size", "4")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] + cmd[1:]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        subprocess.run(["pkill", "-f", str(tmp_path)])
+        raise
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    losses = logged_losses(r.stdout)
+    assert sorted(losses) == [1, 2, 3, 4]  # rank 0 alone logs: each step once
+    assert "x2" in r.stdout
+    assert (run_dir(tmp_path, "ddp") / "4.pt").exists()
+
+
+def test_nonfinite_loss_skipped_then_stops(synth_data, cache, tmp_path, monkeypatch, capsys):
+    import argparse
+    import losses
+    import main as trainer
+    import opts
+
+    orig = losses.DistillLoss.forward
+
+    def nan_forward(self, *a, **k):
+        out = orig(self, *a, **k)
+        out["dist_rel"] = out["dist_rel"] * float("nan")
+        return out
+
+    monkeypatch.setattr(losses.DistillLoss, "forward", nan_forward)
+    parser = argparse.ArgumentParser(parents=[opts.get_args_parser()])
+    args = parser.parse_args(base_args(synth_data, cache, tmp_path, "--run_name", "nan", "--iters", "20",
+                                       "--max_bad_steps", "3", "--log_every", "1")[2:])
+    with pytest.raises(SystemExit, match="non-finite for 3 steps"):
+        trainer.main(args)
+    out = capsys.readouterr().out
+    assert out.count("step skipped") == 3
+    assert not list(run_dir(tmp_path, "nan").glob("*.pt"))  # nothing saved from poisoned weights
