@@ -100,7 +100,12 @@ class CharTextEncoder(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
-        nn.init.normal_(self.input_embeddings.weight, std=0.02)
+        # Characters carry all the information: their rows must dominate the (shared) position embeddings from
+        # the start, or every caption encodes to nearly the same vector and contrastive training collapses
+        # (seen: std 0.02 rows through a 0.02 in_proj gave cos 0.99 between any two captions at init).
+        nn.init.normal_(self.input_embeddings.weight, std=1.0)
+        if isinstance(self.in_proj, nn.Linear):
+            nn.init.xavier_uniform_(self.in_proj.weight)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         for b in self.blocks:  # GPT-2: scale residual-branch outputs so the residual stream stays O(1)
             nn.init.normal_(b.attn.proj.weight, std=0.02 / math.sqrt(2 * depth))

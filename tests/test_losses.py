@@ -419,7 +419,6 @@ def test_memory_warmup():
 
 
 def test_state_dict_roundtrip_resumes_identically(tmp_path):
-    kw = dict(s_dim=4, t_dim=6, memory_size=10)
     torch.manual_seed(0)
     a = build_criterion(argparse.Namespace(**{**ID_ON, "memory_size": 10}), 4, 6).train()
     for step in range(3):
@@ -430,7 +429,7 @@ def test_state_dict_roundtrip_resumes_identically(tmp_path):
     sd = torch.load(path, weights_only=True)
     assert {"mem_img", "mem_cap", "mem_pid", "mem_row", "mem_filled", "mem_ptr", "num_updates"} <= set(sd)
     torch.manual_seed(123)  # a different init: everything must come from the state dict
-    c = build_criterion(argparse.Namespace(**{**ID_ON, "memory_size": kw["memory_size"]}), 4, 6).train()
+    c = build_criterion(argparse.Namespace(**{**ID_ON, "memory_size": 10}), 4, 6).train()
     c.load_state_dict(sd)
     for name, buf in a.named_buffers():
         assert torch.equal(buf, dict(c.named_buffers())[name]), name
@@ -459,7 +458,7 @@ def test_text_only_mode():
     assert d2["dist_rel"].item() == 0.0 and d2["fd_cap"].item() == pytest.approx(0, abs=1e-6)
     # image anchors are the teacher's: d_pos over the rows that have one
     ref = sum(1 - float(b["t_img"][i] @ b["s_cap"][i]) for i in range(8) if i != 5) / 7
-    assert d["d_pos"].item() == pytest.approx(ref, rel=1e-5)
+    assert d["d_pos"].item() == pytest.approx(losses.DEFAULTS["d_pos_weight"] * ref, rel=1e-5)
     with pytest.raises(ValueError):
         call(build_criterion(argparse.Namespace(), 4, D), batch(B=4, Ds=4, Dt=D), s_img=None)
 

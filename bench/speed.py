@@ -1,0 +1,800 @@
+"""Speed of the student against the SigLIP so400m teacher, search, evaluation and training, in ONE run on ONE machine.
+
+    python bench/speed.py                              # full run, ~15-20 min on 2 cores (README "Results")
+    python bench/speed.py 2>&1 | tee bench/results_speed.txt
+    python bench/speed.py --quick                      # < 5 min: teacher at batch 1 and 4, galleries 10k and 100k
+    python bench/speed.py --smoke                      # seconds: tiny teacher/student/galleries (tests/test_bench.py)
+    python bench/speed.py --threads 4 --backbone mobile_base --text_backbone char_base --feature_dim 256
+    python bench/speed.py --checkpoint logs/expModel-mobile_small-224x112-512/1/last.pt   # or an export folder
+    python bench/speed.py --sections image,text        # only some of: image,text,search,eval,train
+
+Why one script: the CPU is shared and noisy, so every comparison is a side-by-side ratio of two figures measured
+in the same process, minutes apart, with the same thread count (torch.set_num_threads = ONNX Runtime
+intra_op_num_threads = faiss OpenMP threads = --threads; printed in the header with the load average before and
+after). Every figure is the MEDIAN of the timed runs; warm-up and timed run counts are printed beside it.
+
+1. Image encoders. The student's model_image.onnx on ONNX Runtime (what search/ runs; exported by export_model.py
+   from a randomly initialised student of the given sizes, or from --checkpoint; speed does not depend on the
+   weights) against the SigLIP so400m vision tower: google/siglip2-so400m-patch16-512's architecture
+   (SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+   patch_size=16, image_size=512), random weights), SiglipVisionModel in PyTorch fp32 eval (the way
+   tools/extract_label.py runs it). Preprocessed tensors in, embeddings out: image decoding/resizing is excluded
+   on both sides. Batch 1 and 32 (--quick: 1 and 4). The student in PyTorch eval is shown as a same-runtime
+   reference.
+2. Text encoders. The student's model_text.onnx INCLUDING the numpy character mapping and table lookup
+   (search.engine.TextEncoder.encode, exactly what a search query costs) against the so400m text tower
+   (SiglipTextConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+   max_position_embeddings=64, vocab_size=256000 (SigLIP2's Gemma vocabulary), projection_size=1152)) on token
+   ids at L=64 (SigLIP pads every text to 64). The student also runs at L=64 here (captions >= 63 characters);
+   the teacher's tokenizer time is NOT counted (there is none offline), which favours the teacher.
+3. Search. Query latency = student text encode of a typical short query + top-10 search, over galleries of 10k,
+   100k and 1M D-dim unit vectors, through search/index.py (exact IndexFlatIP, HNSW, IVF), with build time and
+   recall@10 against exact search over 100 queries. Gallery: --gallery structured (default) = person-like
+   embeddings: N/4 identities x 4 images on a 64-dim manifold, normalize(A (z_id + 0.5 z_img) + 30% isotropic
+   noise), queries = fresh views of random identities. Uniform random unit vectors in 512-D have no structure at
+   all (every point nearly equidistant): the worst case of any approximate index; a 10k uniform gallery is always
+   shown for contrast (--gallery uniform uses it for every size). HNSW at 1M is built only when its build time,
+   extrapolated from 100k (x12, N log N), stays under 5 min; otherwise IVF serves 1M (said in the output).
+4. Evaluation. metrics.verification and metrics.retrieval (text->image) on 1,000 images x 25,000 captions
+   (25M pairs, D = feature_dim; bench/eval_speed.py's identity-structured float16 embeddings).
+5. Training. Steps/s of main.py's training step (main.Distiller: student + losses.build_criterion with main.py's
+   defaults, AdamW, grad clip) on synthetic tensors at batch 64, CPU fp32, with the forward / backward / optimizer
+   split; and whether the data loader keeps up: data.DistillDataset items (train transform, no teacher cache:
+   zeros) from a tools/make_synthetic_pedes.py --ids 50 --images_per_id 4 dataset in a temp dir, in-process per
+   item and through a DataLoader with --workers workers (measured alone; in training the workers share the cores
+   with the step, which is why the loader's CPU share of a step is printed too).
+
+--smoke replaces every size with a tiny one (tiny SigLIP configs, mobile_tiny/char_tiny at 64x32, galleries of
+1k/5k, 50x500 evaluation, batch 8): its numbers mean nothing; it checks that the script runs end to end.
+"""
+import argparse
+import contextlib
+import io
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from opts import parse_image_size  # noqa: E402  (argparse only: keeps --help and bad-flag errors fast)
+
+SECTIONS = ("image", "text", "search", "eval", "train")
+SO400M = "google/siglip2-so400m-patch16-512"
+TEACHER_VISION = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                      patch_size=16, image_size=512)
+TEACHER_TEXT = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                    max_position_embeddings=64, vocab_size=256000, projection_size=1152)
+SMOKE_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=16,
+                    image_size=64)
+SMOKE_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  max_position_embeddings=64, vocab_size=1000, projection_size=32, pad_token_id=1, bos_token_id=2,
+                  eos_token_id=3)
+IMAGE_TARGET, TEXT_TARGET = 1000, 150
+
+# Captions of >= 63 characters: the student then runs at L = 64 (CLS + 63), like SigLIP's padded 64 tokens.
+LONG_CAPTIONS = [
+    "a young man wearing a black t-shirt, blue jeans and white sneakers, carrying a grey backpack on his back",
+    "the woman has long brown hair and wears a red coat over a white sweater, black trousers and brown boots",
+    "an older man in a dark blue jacket, khaki pants and black leather shoes is holding a folded umbrella",
+    "girl with a ponytail, pink hoodie, denim shorts and white sandals, a small yellow bag over her shoulder",
+    "这位女士留着黑色长发，戴着一副眼镜，穿着一件白色衬衫和一条黑色长裙，脚穿红色高跟鞋，手里拿着一个棕色的手提包，正沿着马路边慢慢地向前行走",
+    "a person in a green raincoat with the hood up, grey sweatpants, orange running shoes, pushing a bicycle",
+    "short-haired man, light purple polo shirt tucked into beige chinos, brown belt, loafers, glasses on",
+    "a woman wearing a beige trench coat, a striped scarf, dark green trousers and black ankle boots, phone in hand",
+]
+# What people type into a search box: short, mixed languages.
+QUERIES = ["a woman in a red coat with a black handbag", "man with a blue shirt and black trousers",
+           "穿红色外套的女人", "girl in a white dress carrying an umbrella", "old man, grey jacket, walking stick",
+           "person with a yellow backpack and green shoes"]
+
+
+def get_args_parser(add_help=False):
+    p = argparse.ArgumentParser("Student vs SigLIP so400m speed benchmark", add_help=add_help)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true",
+                   help="< 5 min: teacher at batch 1 and 4 (not 32), galleries 10k and 100k, cheaper HNSW build")
+    g.add_argument("--smoke", action="store_true", help="tiny everything, seconds (for tests; numbers mean nothing)")
+    p.add_argument("--threads", type=int, default=2,
+                   help="torch threads = ONNX Runtime intra_op_num_threads = faiss OpenMP threads")
+    p.add_argument("--backbone", default="mobile_small", help="student image backbone (backbone.list_backbones())")
+    p.add_argument("--text_backbone", default="char_small", help="student text encoder: char_tiny, char_small, char_base")
+    p.add_argument("--feature_dim", type=int, default=512, help="student embedding size (= gallery/eval D)")
+    p.add_argument("--image_size", type=parse_image_size, default=(224, 112), help="student input HxW")
+    p.add_argument("--checkpoint", default=None,
+                   help="a main.py checkpoint (.pt, exported into a temp dir) or an export_model.py folder "
+                        "(model_info.json); replaces the random student and its size flags")
+    p.add_argument("--gallery", choices=["structured", "uniform"], default="structured",
+                   help="search galleries: person-like clustered embeddings, or uniform random unit vectors "
+                        "(the worst case for HNSW/IVF)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers for the loader check")
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of: {','.join(SECTIONS)}")
+    p.add_argument("--omp_wait_policy", choices=["passive", "active", "inherit"], default="passive",
+                   help="OMP_WAIT_POLICY for torch's and faiss's OpenMP pools, set before they load. passive: idle "
+                        "threads sleep, as ONNX Runtime's do in search/ (allow_spinning 0). On a shared, busy CPU "
+                        "spinning threads wait for descheduled partners: 2-thread torch ran up to 13x slower here. "
+                        "inherit: leave the environment as it is")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+# ------------------------------------------------------------------------------------------------ plan
+def make_plan(args):
+    """Sizes and repeat counts per mode. (warm-up, timed runs) pairs; the median of the timed runs is reported."""
+    if args.smoke:
+        return dict(mode="smoke", big=8, t_img=((1, 2), (0, 1)), t_txt=((1, 2), (0, 1)),
+                    s_runs=((2, 5), (1, 3)), galleries=(1_000, 5_000), uniform_n=1_000, n_queries=20,
+                    hnsw=[(16, 40)], hnsw_max_n=5_000, ivf_max_n=5_000, eval=(50, 500), train_bs=8,
+                    train_steps=(1, 2), synth=dict(ids=4, images_per_id=2, height=128, width=64),
+                    loader_batches=2, item_runs=8)
+    if args.quick:
+        return dict(mode="quick", big=4, t_img=((1, 1), (0, 1)), t_txt=((1, 3), (0, 1)),
+                    s_runs=((5, 50), (2, 10)), galleries=(10_000, 100_000), uniform_n=10_000, n_queries=100,
+                    hnsw=[(16, 64)], hnsw_max_n=100_000, ivf_max_n=10_000, eval=(1_000, 25_000), train_bs=64,
+                    train_steps=(1, 2), synth=dict(ids=50, images_per_id=4, height=256, width=128),
+                    loader_batches=6, item_runs=64)
+    return dict(mode="full", big=32, t_img=((1, 2), (0, 1)), t_txt=((1, 3), (0, 2)),
+                s_runs=((5, 50), (2, 10)), galleries=(10_000, 100_000, 1_000_000), uniform_n=10_000, n_queries=100,
+                hnsw=[(32, 200), (16, 64)], hnsw_max_n=1_000_000, ivf_max_n=1_000_000, eval=(1_000, 25_000),
+                train_bs=64, train_steps=(1, 4), synth=dict(ids=50, images_per_id=4, height=256, width=128),
+                loader_batches=8, item_runs=64)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def timed(fn, warmup, runs):
+    """-> (median seconds, list of run seconds). fn's result is discarded."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts), ts
+
+
+def fmt_ms(s):
+    if s is None:
+        return "n/a"
+    ms = s * 1e3
+    return f"{ms:,.0f}" if ms >= 100 else f"{ms:.2f}" if ms >= 1 else f"{ms:.3f}"
+
+
+def fmt_x(r):
+    if r is None or not math.isfinite(r):
+        return "n/a"
+    return f"{r:,.0f}x" if r >= 10 else f"{r:.1f}x"
+
+
+def fmt_n(n):
+    return f"{n / 1e6:.0f}M" if n >= 1e6 and n % 1_000_000 == 0 else f"{n / 1e3:.0f}k" if n >= 1e3 else str(n)
+
+
+def fmt_params(n):
+    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}k"
+
+
+def mib(n_bytes):
+    return f"{n_bytes / 2**20:,.1f}"
+
+
+def print_table(headers, rows):
+    rows = [[str(c) for c in r] for r in rows]
+    w = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(cells))  # noqa
+    print(line(headers))
+    print("  ".join("-" * x for x in w))
+    for r in rows:
+        print(line(r))
+
+
+_SECTION_T0 = [None]
+
+
+def section(title):
+    if _SECTION_T0[0] is not None:
+        print(f"(section took {time.perf_counter() - _SECTION_T0[0]:.0f}s)")
+    _SECTION_T0[0] = time.perf_counter()
+    print(f"\n== {title} ==", flush=True)
+
+
+def load_avg():
+    try:
+        return "/".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+@contextlib.contextmanager
+def quiet():
+    """Swallow stdout/stderr of chatty callees (export tables, HF warnings); re-raise with the tail shown."""
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            yield buf
+    except BaseException:
+        tail = buf.getvalue().strip().splitlines()[-15:]
+        if tail:
+            print("\n".join(tail), file=sys.stderr)
+        raise
+
+
+def onnx_params(path):
+    import numpy as np
+    import onnx
+    m = onnx.load(str(path), load_external_data=False)
+    return int(sum(int(np.prod(t.dims)) for t in m.graph.initializer))
+
+
+# ------------------------------------------------------------------------------------------------ student
+def prepare_student(args, tmp):
+    """-> (export info dict via search.engine.load_export, torch model or None, description)."""
+    import torch
+    import export_model
+    from checkpoint import save_checkpoint
+    from model import build_model, default_model_cfg
+    from search.engine import ExportError, load_export
+
+    model, ckpt = None, None
+    src = args.checkpoint
+    if src and Path(src).is_dir():
+        try:
+            info = load_export(src)
+        except ExportError as e:
+            raise SystemExit(f"error: --checkpoint {src}: {e}")
+        return info, None, f"export folder {src}"
+    if src:
+        try:
+            model, _, _ = export_model.load_model(src)
+        except export_model.ExportFailure as e:
+            raise SystemExit(f"error: --checkpoint {src}: {e}")
+        ckpt, desc = src, f"checkpoint {src}"
+    else:
+        torch.manual_seed(args.seed)
+        teacher_dim = (SMOKE_TEXT if args.smoke else TEACHER_TEXT)["projection_size"]
+        cfg = default_model_cfg(dict(backbone=args.backbone, text_backbone=args.text_backbone,
+                                     feature_dim=args.feature_dim, image_size=list(args.image_size)),
+                                teacher_dim=teacher_dim, teacher_name=SO400M)
+        try:
+            model = build_model(cfg).eval()
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+        ckpt = os.path.join(tmp, "random_student.pt")
+        save_checkpoint(ckpt, {"model": model.state_dict(), "model_cfg": cfg, "args": {}, "step": 0})
+        desc = "randomly initialised student (speed does not depend on the weights)"
+    out = os.path.join(tmp, "export")
+    eargs = export_model.get_args_parser().parse_args([ckpt, out])
+    t0 = time.perf_counter()
+    try:
+        with quiet(), torch.no_grad():
+            export_model.export(eargs)
+    except export_model.ExportFailure as e:
+        raise SystemExit(f"error: student export failed: {e}")
+    print(f"student: {desc}; exported with export_model.export in {time.perf_counter() - t0:.1f}s")
+    return load_export(out), model.eval(), desc
+
+
+# ------------------------------------------------------------------------------------------------ teacher
+def build_siglip(kind, cfg_kwargs, seed):
+    """SiglipVisionModel / SiglipTextModel with random weights, eval, fp32. Skips the HF initialisers (~30 s for
+    so400m on 2 cores) and fills the parameters directly when the installed transformers allows it."""
+    import torch
+    from transformers import SiglipTextConfig, SiglipTextModel, SiglipVisionConfig, SiglipVisionModel
+
+    cfg_cls, cls = (SiglipVisionConfig, SiglipVisionModel) if kind == "vision" else (SiglipTextConfig, SiglipTextModel)
+    with quiet():
+        config = cfg_cls(**cfg_kwargs)
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        no_init_weights = None
+    with quiet():
+        if no_init_weights is None:
+            return cls(config).eval()
+        with no_init_weights():
+            m = cls(config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():  # uninitialised memory otherwise: NaN / denormals would skew speed
+            if p.ndim >= 2:
+                p.normal_(0.0, 0.02, generator=g)
+            elif name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+        ok = all(torch.isfinite(b).all() and (not n.endswith("position_ids")
+                                               or torch.equal(b.flatten(), torch.arange(b.numel())))
+                 for n, b in m.named_buffers())
+    if not ok:  # a transformers version that initialises buffers in init_weights: build it the slow way
+        with quiet():
+            m = cls(config)
+    return m.eval()
+
+
+def n_params(module):
+    return int(sum(p.numel() for p in module.parameters()))
+
+
+# ------------------------------------------------------------------------------------------------ 1. image
+def bench_image(args, plan, info, smodel, teacher_label):
+    import numpy as np
+    import torch
+    from search.engine import ImageEncoder
+
+    big = plan["big"]
+    (tw1, tr1), (twb, trb) = plan["t_img"]
+    (sw1, sr1), (swb, srb) = plan["s_runs"]
+    vcfg = SMOKE_VISION if args.smoke else TEACHER_VISION
+    rows, res = [], {}
+
+    t0 = time.perf_counter()
+    teacher = build_siglip("vision", vcfg, args.seed)
+    tp = n_params(teacher)
+    side = vcfg["image_size"]
+    print(f"teacher vision tower: {teacher_label}, {tp / 1e6:.1f}M params, built in {time.perf_counter() - t0:.1f}s, "
+          f"input {side}x{side}, attention '{teacher.config._attn_implementation}'", flush=True)
+    g = torch.Generator().manual_seed(args.seed)
+    x1, xb = torch.randn(1, 3, side, side, generator=g), torch.randn(big, 3, side, side, generator=g)
+    with torch.inference_mode():
+        t1, _ = timed(lambda: teacher(pixel_values=x1).pooler_output, tw1, tr1)
+        print(f"  teacher batch 1: {fmt_ms(t1)} ms/item", flush=True)
+        tb, _ = timed(lambda: teacher(pixel_values=xb).pooler_output, twb, trb)
+        print(f"  teacher batch {big}: {fmt_ms(tb / big)} ms/item", flush=True)
+    del teacher
+    rows.append([f"SigLIP {teacher_label} vision (PyTorch fp32)", fmt_params(tp), mib(4 * tp), "-",
+                 fmt_ms(t1), fmt_ms(tb / big), f"{tw1}+{tr1} / {twb}+{trb}"])
+    res["teacher"] = (t1, tb / big)
+
+    if not info.get("_image_model"):
+        print("student: text-only export (no model_image.onnx): no image comparison")
+        print_table(["model", "params", "fp32 MiB", "file MiB", "b1 ms/item", f"b{big} ms/item",
+                     "runs b1 / b" + str(big)], rows)
+        return None
+    H, W = info["image_size"]
+    enc = ImageEncoder(info, threads=args.threads)
+    rng = np.random.default_rng(args.seed)
+    a1 = rng.standard_normal((1, 3, H, W), dtype=np.float32)
+    ab = rng.standard_normal((big, 3, H, W), dtype=np.float32)
+    s1, _ = timed(lambda: enc.encode_arrays(a1), sw1, sr1)
+    sb, _ = timed(lambda: enc.encode_arrays(ab), swb, srb)
+    sp = onnx_params(info["_image_model"])
+    rows.append([f"student {info.get('backbone')} {H}x{W} (ONNX Runtime)", fmt_params(sp), mib(4 * sp),
+                 mib(os.path.getsize(info["_image_model"])), fmt_ms(s1), fmt_ms(sb / big),
+                 f"{sw1}+{sr1} / {swb}+{srb}"])
+    res["student"] = (s1, sb / big)
+    if smodel is not None and not smodel.text_only:
+        t1_ = torch.from_numpy(a1)
+        tb_ = torch.from_numpy(ab)
+        with torch.inference_mode():
+            r1, _ = timed(lambda: smodel.encode_image(t1_), sw1, sr1)
+            rb, _ = timed(lambda: smodel.encode_image(tb_), swb, srb)
+        pp = sum(p.numel() for n, p in smodel.named_parameters() if not n.startswith("text_encoder."))
+        rows.append([f"student {info.get('backbone')} (PyTorch eval, unfolded, reference)", fmt_params(pp),
+                     mib(4 * pp), "-", fmt_ms(r1), fmt_ms(rb / big), f"{sw1}+{sr1} / {swb}+{srb}"])
+        res["student_torch"] = (r1, rb / big)
+    rows.append(["speed-up SigLIP / student ONNX", "", "", "", fmt_x(t1 / s1), fmt_x(tb / sb), ""])
+    if "student_torch" in res:
+        rows.append(["speed-up SigLIP / student PyTorch (same runtime)", "", "", "",
+                     fmt_x(t1 / res["student_torch"][0]), fmt_x(tb / big / res["student_torch"][1]), ""])
+    rows.append(["size ratio (params)", fmt_x(tp / sp), "", "", "", "", ""])
+    print_table(["model", "params", "fp32 MiB", "file MiB", "b1 ms/item", f"b{big} ms/item",
+                 f"runs b1 / b{big} (warm-up+timed)"], rows)
+    return t1 / s1
+
+
+# ------------------------------------------------------------------------------------------------ 2. text
+def bench_text(args, plan, info, smodel, teacher_label):
+    import numpy as np
+    import torch
+    from search.charmap import encode_batch, normalize_text
+    from search.engine import TextEncoder
+
+    big = plan["big"]
+    (tw1, tr1), (twb, trb) = plan["t_txt"]
+    (sw1, sr1), (swb, srb) = plan["s_runs"]
+    tcfg = SMOKE_TEXT if args.smoke else TEACHER_TEXT
+    L = tcfg["max_position_embeddings"]
+    rows = []
+
+    t0 = time.perf_counter()
+    teacher = build_siglip("text", tcfg, args.seed)
+    tp = n_params(teacher)
+    emb_p = tcfg["vocab_size"] * tcfg["hidden_size"]
+    print(f"teacher text tower: {teacher_label}, {tp / 1e6:.1f}M params (of which the {tcfg['vocab_size']:,}-token "
+          f"{'Gemma ' if not args.smoke else ''}vocabulary table {emb_p / 1e6:.1f}M, a lookup), built in "
+          f"{time.perf_counter() - t0:.1f}s; token ids at L={L}, tokenizer time not counted", flush=True)
+    g = torch.Generator().manual_seed(args.seed)
+    ids1 = torch.randint(0, tcfg["vocab_size"], (1, L), generator=g)
+    idsb = torch.randint(0, tcfg["vocab_size"], (big, L), generator=g)
+    with torch.inference_mode():
+        t1, _ = timed(lambda: teacher(input_ids=ids1).pooler_output, tw1, tr1)
+        tb, _ = timed(lambda: teacher(input_ids=idsb).pooler_output, twb, trb)
+    del teacher
+    rows.append([f"SigLIP {teacher_label} text (PyTorch fp32), L={L}", fmt_params(tp), mib(4 * tp), "-",
+                 fmt_ms(t1), fmt_ms(tb / big), f"{tw1}+{tr1} / {twb}+{trb}"])
+
+    enc = TextEncoder(info, threads=args.threads)
+    caps = [LONG_CAPTIONS[i % len(LONG_CAPTIONS)] for i in range(big)]
+    n_chars = min(len(normalize_text(c)) for c in caps)
+    sL = min(enc.max_seq_length, n_chars + 1)
+    s1, _ = timed(lambda: enc.encode(caps[:1]), sw1, sr1)
+    sb, _ = timed(lambda: enc.encode(caps), swb, srb)
+    sp = onnx_params(info["_text_model"]) + int(enc.table.size)
+    files = os.path.getsize(info["_text_model"]) + os.path.getsize(info["_input_embeddings"])
+    rows.append([f"student {info.get('text_backbone')} (charmap + lookup + ONNX Runtime), L={sL}", fmt_params(sp),
+                 mib(4 * sp), mib(files), fmt_ms(s1), fmt_ms(sb / big), f"{sw1}+{sr1} / {swb}+{srb}"])
+    # what a search query costs: short text, and the student runs only the characters it has (dynamic L)
+    tq, _ = timed(lambda: [enc.encode([q]) for q in QUERIES], max(1, sw1 // 5), max(1, sr1 // 5))
+    tq /= len(QUERIES)
+    avg_chars = sum(len(normalize_text(q)) for q in QUERIES) / len(QUERIES)
+    rows.append([f"student, typical search query ({len(QUERIES)} queries, avg {avg_chars:.0f} chars, dynamic L)",
+                 "", "", "", fmt_ms(tq), "-", f"{max(1, sw1 // 5)}+{max(1, sr1 // 5)} x {len(QUERIES)}"])
+    rt = None
+    if smodel is not None:
+        ml = smodel.cfg["max_seq_length"]
+        i1, m1 = (torch.from_numpy(a) for a in encode_batch(caps[:1], ml, smodel.cfg["vocab_size"]))
+        ib, mb = (torch.from_numpy(a) for a in encode_batch(caps, ml, smodel.cfg["vocab_size"]))
+        with torch.inference_mode():
+            r1, _ = timed(lambda: smodel.encode_text(i1, m1), sw1, sr1)
+            rb, _ = timed(lambda: smodel.encode_text(ib, mb), swb, srb)
+        pp = n_params(smodel.text_encoder)
+        rows.append([f"student {info.get('text_backbone')} (PyTorch eval, reference; charmap not timed)",
+                     fmt_params(pp), mib(4 * pp), "-", fmt_ms(r1), fmt_ms(rb / big), f"{sw1}+{sr1} / {swb}+{srb}"])
+        rt = (r1, rb / big)
+    rows.append(["speed-up SigLIP / student ONNX", "", "", "", fmt_x(t1 / s1), fmt_x(tb / sb), ""])
+    rows.append([f"speed-up SigLIP (L={L}) / student typical query", "", "", "", fmt_x(t1 / tq), "", ""])
+    if rt:
+        rows.append(["speed-up SigLIP / student PyTorch (same runtime)", "", "", "", fmt_x(t1 / rt[0]),
+                     fmt_x(tb / big / rt[1]), ""])
+    rows.append(["size ratio (params, incl. lookup tables)", fmt_x(tp / sp), "", "", "", "", ""])
+    rows.append(["size ratio (params, without lookup tables)", fmt_x((tp - emb_p) / (sp - enc.table.size)),
+                 "", "", "", "", ""])
+    print_table(["model", "params", "fp32 MiB", "file MiB", "b1 ms/item", f"b{big} ms/item",
+                 f"runs b1 / b{big} (warm-up+timed)"], rows)
+    return t1 / s1, t1 / tq, avg_chars
+
+
+# ------------------------------------------------------------------------------------------------ 3. search
+def make_gallery(kind, n, n_queries, d, seed, chunk=100_000):
+    """float32 unit vectors [n, d] and queries [n_queries, d]; see the module docstring for the two kinds."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    x = np.empty((n, d), np.float32)
+    if kind == "uniform":
+        for s in range(0, n, chunk):
+            x[s:s + chunk] = rng.standard_normal((min(chunk, n - s), d), dtype=np.float32)
+        q = rng.standard_normal((n_queries, d), dtype=np.float32)
+    else:
+        r = min(64, d)
+        a = rng.standard_normal((r, d), dtype=np.float32) / np.sqrt(r)
+        n_id = max(1, n // 4)
+        z = rng.standard_normal((n_id, r), dtype=np.float32)
+
+        def views(ids):
+            v = (z[ids] + 0.5 * rng.standard_normal((len(ids), r), dtype=np.float32)) @ a
+            noise = rng.standard_normal(v.shape, dtype=np.float32)
+            return v + 0.3 * np.linalg.norm(v, axis=1, keepdims=True) / np.sqrt(d) * noise
+
+        for s in range(0, n, chunk):
+            x[s:s + chunk] = views(np.arange(s, min(n, s + chunk)) % n_id)
+        q = views(rng.integers(0, n_id, n_queries))
+    for s in range(0, n, chunk):
+        x[s:s + chunk] /= np.linalg.norm(x[s:s + chunk], axis=1, keepdims=True)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    return x, q
+
+
+def bench_search(args, plan, info):
+    import numpy as np
+    from search.engine import TextEncoder
+    from search.index import build_index, default_nlist
+
+    d = int(info["feature_dim"])
+    enc = TextEncoder(info, threads=args.threads)
+    txt, _ = timed(lambda: [enc.encode([q]) for q in QUERIES], 2, 10)
+    txt /= len(QUERIES)
+    avg_chars = sum(len(q) for q in QUERIES) / len(QUERIES)
+    print(f"student text encode of one typical query ({len(QUERIES)} queries of {avg_chars:.0f} characters on "
+          f"average, en+zh, dynamic L): {fmt_ms(txt)} ms; search = top-10 for one query at a time, median over "
+          f"{plan['n_queries']} queries; recall@10 vs exact IndexFlatIP", flush=True)
+
+    def one(x, q, n, label, rows, kinds, est=None):
+        """flat, then every index kind in `kinds` on gallery x; rows get the results."""
+        t0 = time.perf_counter()
+        flat = build_index(x, "flat")
+        fb = time.perf_counter() - t0
+        _, gt = flat.search(q, 10)
+        fs, _ = timed(lambda: [flat.search(q[i:i + 1], 10) for i in range(len(q))], 0, 1)
+        fs /= len(q)
+        rows.append([label, "flat (exact)", "-", f"{fb:.2f}", fmt_ms(fs), fmt_ms(txt + fs), "1.000"])
+        del flat
+        built = {}
+        for kind, kw, desc in kinds:
+            t0 = time.perf_counter()
+            ix = build_index(x, kind, **kw)
+            bt = time.perf_counter() - t0
+            ix.set_search_params()
+            per = []
+            got = []
+            for i in range(len(q)):
+                t = time.perf_counter()
+                _, r = ix.search(q[i:i + 1], 10)
+                per.append(time.perf_counter() - t)
+                got.append(r[0])
+            st = statistics.median(per)
+            rec = float(np.mean([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(got, gt)]))
+            p = ix.params
+            ptxt = desc + (f" ef={p['ef_search']}" if "ef_search" in p else f" nprobe={p['nprobe']}" if "nprobe" in p
+                           else "")
+            rows.append([label, kind, ptxt, f"{bt:.1f}", fmt_ms(st), fmt_ms(txt + st), f"{rec:.3f}"])
+            built[desc] = bt
+            print(f"  {label}: {kind} {ptxt}: build {bt:.1f}s, {fmt_ms(st)} ms/query, recall@10 {rec:.3f}",
+                  flush=True)
+            del ix
+        return built
+
+    def kinds_for(n, hnsw_builds):
+        out = []
+        for m, efc in plan["hnsw"]:
+            desc = f"M={m} efC={efc}"
+            if n > plan["hnsw_max_n"]:
+                continue
+            prev = hnsw_builds.get(desc)
+            if prev is not None and n >= 10 * prev[0]:
+                est = prev[1] * (n / prev[0]) * math.log(n) / math.log(prev[0])
+                if est > 300:
+                    notes.append(f"HNSW {desc} not built at {fmt_n(n)}: its build would take ~{est / 60:.0f} min "
+                                 f"(extrapolated from {fmt_n(prev[0])}: {prev[1]:.0f}s x N log N) > 5 min; "
+                                 f"IVF serves {fmt_n(n)} on this machine")
+                    continue
+            out.append(("hnsw", dict(hnsw_m=m, ef_construction=efc), desc))
+        if n <= plan["ivf_max_n"] or not out:
+            nl = min(default_nlist(n), 1024)
+            note = "" if nl == default_nlist(n) else f" (default {default_nlist(n)})"
+            out.append(("ivf", dict(nlist=nl), f"nlist={nl}{note}"))
+        return out
+
+    rows, notes, hnsw_builds = [], [], {}
+    for n in plan["galleries"]:
+        x, q = make_gallery(args.gallery, n, plan["n_queries"], d, args.seed)
+        built = one(x, q, n, f"{fmt_n(n)} {args.gallery}", rows, kinds_for(n, hnsw_builds))
+        for desc, bt in built.items():
+            if desc.startswith("M="):
+                hnsw_builds[desc] = (n, bt)
+        del x, q
+    if args.gallery == "structured":
+        n = plan["uniform_n"]
+        x, q = make_gallery("uniform", n, plan["n_queries"], d, args.seed)
+        one(x, q, n, f"{fmt_n(n)} uniform (worst case)", rows,
+            [("hnsw", dict(hnsw_m=m, ef_construction=efc), f"M={m} efC={efc}") for m, efc in plan["hnsw"][:1]]
+            + [("ivf", dict(nlist=min(default_nlist(n), 1024)), f"nlist={min(default_nlist(n), 1024)}")])
+        del x, q
+    print_table(["gallery (D=%d)" % d, "index", "parameters", "build s", "search ms", "query total ms", "recall@10"],
+                rows)
+    print(f"query total = student text encode ({fmt_ms(txt)} ms) + search; float32 features = "
+          f"{d * 4} bytes/row ({mib(d * 4 * max(plan['galleries']))} MiB at {fmt_n(max(plan['galleries']))})")
+    for s in notes:
+        print("note: " + s)
+
+
+# ------------------------------------------------------------------------------------------------ 4. eval
+def bench_eval(args, plan, feature_dim):
+    import metrics
+    from bench.eval_speed import make_data
+
+    n_img, n_cap = plan["eval"]
+    img, cap, cii, ip, cp = make_data(n_img, n_cap, feature_dim, 5, 3.0, args.seed)
+    rows = []
+    for name, fn in (("metrics.verification (EER, FRR@FAR, error lists)",
+                      lambda: metrics.verification(img, cap, cii, ip, cp)),
+                     ("metrics.retrieval text->image (R@K, mAP, mINP)",
+                      lambda: metrics.retrieval(cap, cp, img, ip)),
+                     ("metrics.retrieval image->text", lambda: metrics.retrieval(img, ip, cap, cp))):
+        c0 = time.process_time()
+        t, _ = timed(fn, 0, 1)
+        rows.append([name, f"{t:.2f}", f"{time.process_time() - c0:.2f}", f"{n_img * n_cap / t / 1e6:.0f}"])
+    print_table(["", "wall s", "CPU s", "M pairs/s"], rows)
+    print(f"{n_img:,} images x {n_cap:,} captions = {n_img * n_cap / 1e6:.1f}M pairs, D={feature_dim}, float16 "
+          f"inputs (bench/eval_speed.py data), 1 run each")
+
+
+# ------------------------------------------------------------------------------------------------ 5. train
+def bench_train(args, plan, smodel_cfg, tmp):
+    import torch
+    import torch.nn.functional as F
+
+    import data as data_lib
+    import losses
+    import main as train_main
+    import opts
+    from model import build_model
+    from search.charmap import encode_batch
+    from tools.make_synthetic_pedes import generate
+
+    bs = plan["train_bs"]
+    t_dim = (SMOKE_TEXT if args.smoke else TEACHER_TEXT)["projection_size"]
+    targs = opts.get_args_parser().parse_args([])  # main.py's defaults (losses included)
+    cfg = dict(smodel_cfg)
+    H, W = cfg["image_size"]
+    torch.manual_seed(args.seed)
+    model = build_model(cfg)
+    crit = losses.build_criterion(targs, cfg["feature_dim"], t_dim)
+    dist = train_main.Distiller(model, crit).train()
+    opt = torch.optim.AdamW(train_main.param_groups(dist, targs.weight_decay), lr=targs.lr, betas=(0.9, 0.98))
+    g = torch.Generator().manual_seed(args.seed)
+    ids, mask = encode_batch([LONG_CAPTIONS[i % len(LONG_CAPTIONS)] for i in range(bs)], cfg["max_seq_length"],
+                             cfg["vocab_size"])
+    batch = dict(image=torch.randn(bs, 3, H, W, generator=g), text_ids=torch.from_numpy(ids),
+                 text_mask=torch.from_numpy(mask), pid=torch.arange(bs) // 4, img_row=torch.arange(bs),
+                 t_img_emb=F.normalize(torch.randn(bs, t_dim, generator=g), dim=1),
+                 t_cap_emb=F.normalize(torch.randn(bs, t_dim, generator=g), dim=1),
+                 has_t_img=torch.ones(bs, dtype=torch.bool), has_t_cap=torch.ones(bs, dtype=torch.bool))
+    term_names = []
+    parts = {"forward (student + losses)": [], "backward": [], "clip + AdamW": [], "step": []}
+
+    def step():
+        t0 = time.perf_counter()
+        terms = dist(batch)
+        total = sum(terms.values())
+        term_names[:] = list(terms)
+        t1 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        t2 = time.perf_counter()
+        if targs.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(dist.parameters(), targs.grad_clip)
+        opt.step()
+        t3 = time.perf_counter()
+        return t1 - t0, t2 - t1, t3 - t2, t3 - t0
+
+    warm, runs = plan["train_steps"]
+    for _ in range(warm):
+        step()
+    for _ in range(runs):
+        for k, v in zip(parts, step()):
+            parts[k].append(v)
+    med = {k: statistics.median(v) for k, v in parts.items()}
+    sps = 1.0 / med["step"]
+    print(f"training step: batch {bs}, {H}x{W}, {cfg['backbone']} + {cfg['text_backbone']} -> {cfg['feature_dim']}, "
+          f"teacher dim {t_dim}, losses (main.py defaults) {'+'.join(term_names)},\n  "
+          f"AdamW, CPU fp32, {warm} warm-up + {runs} timed steps", flush=True)
+    print_table(["training step", "median s", "share"],
+                [[k, f"{v:.3f}", f"{100 * v / med['step']:.0f}%" if k != "step" else "100%"] for k, v in med.items()]
+                + [["steps/s", f"{sps:.3f}", ""], ["images/s", f"{sps * bs:.1f}", ""]])
+    del dist, opt, model, crit
+
+    # ---- data loader
+    t0 = time.perf_counter()
+    sy = plan["synth"]
+    with quiet():
+        js = generate(os.path.join(tmp, "synth"), sy["ids"], sy["images_per_id"], seed=args.seed,
+                      height=sy["height"], width=sy["width"], workers=1)
+    records = data_lib.load_records(js)
+    ds = data_lib.DistillDataset(records, list(range(len(records))), cache=None, image_size=(H, W), train=True,
+                                 max_seq_length=cfg["max_seq_length"], vocab_size=cfg["vocab_size"],
+                                 compose_prob=targs.compose_prob, compose_zh_prob=targs.compose_zh_prob,
+                                 langs=("en", "zh"), seed=args.seed)
+    print(f"loader: tools/make_synthetic_pedes.py --ids {sy['ids']} --images_per_id {sy['images_per_id']} "
+          f"({len(records)} JPEGs {sy['height']}x{sy['width']}) in {time.perf_counter() - t0:.1f}s; "
+          f"data.DistillDataset train transform -> {H}x{W}, no teacher cache (zero rows)", flush=True)
+    n_items = plan["item_runs"]
+    item, _ = timed(lambda: [ds[i % len(ds)] for i in range(n_items)], 1, 1)
+    item /= n_items
+    workers, nb = args.workers, plan["loader_batches"]
+    sampler = torch.utils.data.RandomSampler(ds, replacement=True, num_samples=bs * nb,
+                                             generator=torch.Generator().manual_seed(args.seed))
+    loader = torch.utils.data.DataLoader(ds, batch_size=bs, sampler=sampler, num_workers=workers, drop_last=True,
+                                         prefetch_factor=4 if workers > 0 else None)
+    t0 = time.perf_counter()
+    got = sum(1 for _ in loader)
+    lt = time.perf_counter() - t0
+    bps = got / lt
+    print_table(["data loading", "value"], [
+        ["one item in-process (decode + train transform + charmap)", f"{fmt_ms(item)} ms"],
+        [f"one batch of {bs} in-process (= CPU per batch)", f"{fmt_ms(item * bs)} ms"],
+        [f"DataLoader, {workers} workers: {got} batches incl. start-up", f"{lt:.2f} s = {bps:.2f} batches/s"],
+        ["loader CPU per training step (share of one step on "
+         f"{args.threads} threads)", f"{100 * item * bs / (med['step'] * args.threads):.1f}%"],
+    ])
+    print(f"loader keeps up: {'yes' if bps >= sps else 'no'} ({bps:.2f} batches/s vs {sps:.3f} steps/s)")
+
+
+# ------------------------------------------------------------------------------------------------ main
+def main(args):
+    if args.threads < 1:
+        raise SystemExit("error: --threads must be >= 1")
+    if args.feature_dim < 1:
+        raise SystemExit("error: --feature_dim must be >= 1")
+    if args.workers < 0:
+        raise SystemExit("error: --workers must be >= 0")
+    sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    bad = [s for s in sections if s not in SECTIONS]
+    if bad or not sections:
+        raise SystemExit(f"error: --sections: unknown {', '.join(bad) or '(empty)'}; choose from {','.join(SECTIONS)}")
+    if args.checkpoint and not os.path.exists(args.checkpoint):
+        raise SystemExit(f"error: --checkpoint {args.checkpoint}: not found")
+    if args.smoke:  # tiny everything; the size flags are ignored
+        args.backbone, args.text_backbone, args.feature_dim, args.image_size = "mobile_tiny", "char_tiny", 32, (64, 32)
+        args.workers = min(args.workers, 1)
+    plan = make_plan(args)
+    if args.omp_wait_policy != "inherit":
+        if "torch" in sys.modules or "faiss" in sys.modules:
+            print("warning: --omp_wait_policy has no effect: torch/faiss were imported before bench/speed.py ran",
+                  file=sys.stderr)
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()
+
+    import faiss
+    import onnxruntime as ort
+    import torch
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    with contextlib.suppress(RuntimeError):
+        torch.set_num_interop_threads(1)
+    faiss.omp_set_num_threads(args.threads)
+    teacher_label = "tiny (smoke config)" if args.smoke else "so400m"
+    t_start = time.perf_counter()
+    print(f"bench/speed.py --{plan['mode']} run: {time.strftime('%Y-%m-%d %H:%M:%S')}, {platform.processor() or platform.machine()}, "
+          f"{os.cpu_count()} CPUs, load average {load_avg()} (1/5/15 min)")
+    print(f"threads: torch {torch.get_num_threads()}, onnxruntime intra_op {args.threads} (search/engine.make_session, "
+          f"inter_op 1, no spinning), faiss {args.threads}; OMP_WAIT_POLICY="
+          f"{os.environ.get('OMP_WAIT_POLICY', '(unset: libgomp spins)')}")
+    print(f"versions: python {platform.python_version()}, torch {torch.__version__}, onnxruntime {ort.__version__}, "
+          f"transformers {transformers.__version__}, faiss {faiss.__version__}")
+    if args.smoke:
+        print("SMOKE configuration: tiny teacher, student, galleries and batches; the numbers mean nothing")
+
+    with tempfile.TemporaryDirectory(prefix="bench_speed_") as tmp:
+        info, smodel, _ = prepare_student(args, tmp)
+        if smodel is not None:
+            cfg = smodel.cfg
+        else:  # an export folder: rebuild a same-sized model for the training step from model_info.json
+            from model import default_model_cfg
+            cfg = default_model_cfg({k: info.get(k) for k in ("backbone", "text_backbone", "feature_dim", "image_size",
+                                                             "max_seq_length", "vocab_size", "embed_dim")},
+                                    teacher_dim=info.get("feature_dim"))
+        print(f"student: image {info.get('backbone')} {'x'.join(map(str, info['image_size']))}, text "
+              f"{info.get('text_backbone')}, D={info['feature_dim']}, max_seq_length {info['max_seq_length']}")
+        head = {}
+        if "image" in sections:
+            section(f"1. Image encoders: SigLIP {teacher_label} vision tower vs student (ms per image, median)")
+            head["image"] = bench_image(args, plan, info, smodel, teacher_label)
+        if "text" in sections:
+            section(f"2. Text encoders: SigLIP {teacher_label} text tower vs student (ms per caption, median)")
+            head["text"] = bench_text(args, plan, info, smodel, teacher_label)
+        if "search" in sections:
+            section("3. Search: query latency, index build, recall@10")
+            bench_search(args, plan, info)
+        if "eval" in sections:
+            section("4. Evaluation time (metrics.py)")
+            bench_eval(args, plan, int(info["feature_dim"]))
+        if "train" in sections:
+            section("5. Training throughput (main.py step) and data loading")
+            if cfg.get("text_only") or not info.get("_image_model"):
+                print("skipped: a text-only student")
+            else:
+                bench_train(args, plan, cfg, tmp)
+
+    section("Headline")
+    vs = "so400m" if not args.smoke else "tiny SigLIP (smoke: not meaningful)"
+    for key, target in (("image", IMAGE_TARGET), ("text", TEXT_TARGET)):
+        if key not in head:
+            continue
+        r = head[key][0] if key == "text" else head[key]
+        verdict = "n/a" if r is None else ("met" if r >= target else "NOT met")
+        extra = "" if key == "image" else " (L=64 on both sides)"
+        print(f"{key} encoder speed-up vs {vs} @ batch 1: {fmt_x(r)} (target >= {target}x) {verdict}{extra}")
+        if key == "text":
+            print(f"text encoder speed-up vs {vs} @ batch 1, typical {head[key][2]:.0f}-character query: "
+                  f"{fmt_x(head[key][1])} (the student runs only the characters there are; SigLIP always 64 tokens)")
+    print(f"total {time.perf_counter() - t_start:.0f}s; load average at the end {load_avg()}")
+
+
+if __name__ == "__main__":
+    main(argparse.ArgumentParser("bench/speed.py", parents=[get_args_parser()], description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter).parse_args())
