@@ -49,10 +49,10 @@ DEFAULTS = {
     "fd_proj": "auto",
     "id_img_weight": 0.1,
     "id_cap_weight": 0.1,
-    "id_img_cap_weight": 0.1,
+    "id_img_cap_weight": 1.0,
     "id_temp": 0.05,
     "memory_size": 4096,
-    "memory_warmup": 0,
+    "memory_warmup": 1000,
     # 0.1, not 1: d_pos at the weight of the mean-over-negatives s_neg has a collapsed near-equilibrium (every
     # pair at cos ~0.98, d_pos ~0.02, s_neg ~0.77, id_* at log(#keys)) that short CPU runs on synthetic data
     # fell into and stayed in for 1200 steps; at 0.1 the same runs kept the modalities apart and id_* learned

@@ -11,6 +11,11 @@ Text encoder only, into the teacher's space (search galleries enrolled with the 
 
 Runs land in logs/expModel-<backbone>-<H>x<W>-<dim>/<run>/: <iter>.pt, last.pt, best.pt, args.json, TensorBoard events.
 """
+import os
+
+# Before torch loads OpenMP: idle threads sleep instead of spinning. On a shared or oversubscribed CPU,
+# spinning made small training steps up to 13x slower (bench/speed.py); on a dedicated GPU box it costs nothing.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import json
 import logging

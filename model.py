@@ -10,6 +10,7 @@ No logit scale here: the losses own their temperatures.
 """
 import json
 
+import torch
 import torch.nn as nn
 
 from backbone import create_backbone
@@ -77,6 +78,36 @@ def l2norm(x):
     return x / (x * x).sum(dim=-1, keepdim=True).clamp(min=1e-12).sqrt()
 
 
+class ImageHead(nn.Module):
+    """BatchNorm1d -> Linear on the pooled CNN features (the ReID "BNNeck").
+
+    Pooled post-ReLU features share a large positive mean; through a plain Linear it becomes a common component
+    that makes every image embedding nearly the same direction (measured: cos 0.99 between any two images after
+    200 steps, retrieval at chance). Centring them first removes it. At export, `reparameterize()` folds the BN
+    (a fixed affine in eval mode) into the Linear, so the graph stays one Gemm and batch 1 == batch N.
+    """
+
+    def __init__(self, in_dim, out_dim):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(in_dim)
+        self.fc = nn.Linear(in_dim, out_dim)
+
+    def forward(self, x):
+        return self.fc(self.bn(x))
+
+    @torch.no_grad()
+    def reparameterize(self):
+        if isinstance(self.bn, nn.Identity):
+            return
+        bn = self.bn
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        shift = bn.bias - bn.running_mean * scale
+        fc = nn.Linear(self.fc.in_features, self.fc.out_features).to(self.fc.weight)
+        fc.weight.copy_(self.fc.weight * scale[None, :])
+        fc.bias.copy_(self.fc.bias + self.fc.weight @ shift)
+        self.fc, self.bn = fc, nn.Identity()
+
+
 class PersonSearchModel(nn.Module):
     def __init__(self, cfg, backbone_weights=None):
         super().__init__()
@@ -96,8 +127,7 @@ class PersonSearchModel(nn.Module):
             if backbone_weights:  # ImageNet init at the start of training; not part of the cfg
                 kw["weights_path"] = backbone_weights
             self.backbone = create_backbone(cfg["backbone"], **kw)
-            # Linear only (no BN): the head must behave the same at batch 1 and after export
-            self.image_head = nn.Linear(self.backbone.num_features, self.feature_dim)
+            self.image_head = ImageHead(self.backbone.num_features, self.feature_dim)
         self.text_encoder = create_text_encoder(cfg["text_backbone"], out_dim=self.feature_dim,
                                                 max_seq_length=cfg["max_seq_length"],
                                                 vocab_size=cfg["vocab_size"], embed_dim=cfg["embed_dim"])

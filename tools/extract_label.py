@@ -17,6 +17,11 @@ Custom-code teacher:
   python tools/extract_label.py --data data.json --embedding_path emb_mexma --teacher visheratin/mexma-siglip2 \
       --trust_remote_code
 """
+import os
+
+# Before torch loads OpenMP: idle threads sleep instead of spinning. On a shared or oversubscribed CPU,
+# spinning made small training steps up to 13x slower (bench/speed.py); on a dedicated GPU box it costs nothing.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import os
 import sys

@@ -1,0 +1,112 @@
+"""bench/speed.py end to end in its --smoke configuration (tiny SigLIP configs, tiny student, galleries of 1k/5k,
+batch 8; ~10 s), plus its one-line errors. Structure only: timings are never asserted.
+
+    python3 -m pytest -q tests/test_bench.py
+"""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "speed.py"
+NUM = r"[\d,]+(?:\.\d+)?"
+
+
+def _run(*argv, timeout=300):
+    # from another folder: the script must find the repo on its own
+    return subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True, timeout=timeout,
+                          cwd=str(ROOT / "tests"))
+
+
+@pytest.fixture(scope="module")
+def smoke():
+    r = _run("--smoke")
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r.stdout
+
+
+def _rows(out, title):
+    """Lines of the section whose header contains `title`, up to the next section."""
+    m = re.search(r"^== [^\n]*" + re.escape(title) + r"[^\n]*==$(.*?)(?=^== |\Z)", out, re.M | re.S)
+    assert m, f"section {title!r} missing"
+    return m.group(1).splitlines()
+
+
+def test_header_prints_equal_threads(smoke):
+    assert re.search(r"^threads: torch 2, onnxruntime intra_op 2 .*faiss 2; OMP_WAIT_POLICY=PASSIVE$", smoke, re.M)
+    assert re.search(r"load average \S+ \(1/5/15 min\)", smoke)
+    assert "SMOKE configuration" in smoke
+
+
+@pytest.mark.parametrize("title", ["1. Image encoders", "2. Text encoders"])
+def test_encoder_tables(smoke, title):
+    lines = _rows(smoke, title)
+    header = next(l for l in lines if l.startswith("model "))
+    for col in ("params", "fp32 MiB", "file MiB", "b1 ms/item", "b8 ms/item", "warm-up+timed", "spread b1 / b8"):
+        assert col in header
+    # teacher row, student ONNX row, ratio row: each with its figures, run counts and spreads
+    runs = rf"\s{NUM}\s+{NUM}\s+\d+\+\d+ / \d+\+\d+\s+(\d+%|-) / (\d+%|-)\s*$"
+    assert any(re.match(rf"SigLIP .*\(PyTorch fp32\).*{runs}", l) for l in lines)
+    assert any(re.match(rf"student .*ONNX Runtime.*{runs}", l) for l in lines)
+    assert any(re.match(rf"speed-up SigLIP / student ONNX\s+{NUM}x\s+{NUM}x\s*$", l) for l in lines)
+    assert any(l.startswith("size ratio (params") for l in lines)
+
+
+def test_text_table_has_l64_and_typical_query(smoke):
+    lines = _rows(smoke, "2. Text encoders")
+    assert any(re.match(r"SigLIP .* text \(PyTorch fp32\), L=64\s", l) for l in lines)
+    assert any(re.match(r"student char_tiny \(charmap \+ lookup \+ ONNX Runtime\), L=64\s", l) for l in lines)
+    assert any(l.startswith("student, typical search query") for l in lines)
+
+
+def test_search_table(smoke):
+    lines = _rows(smoke, "3. Search")
+    assert any(l.startswith("gallery (D=32)") and "recall@10" in l and "build s" in l for l in lines)
+    table = [l for l in lines if re.match(r"(1k|5k) (structured|uniform)", l)]
+    kinds = {(l.split("  ")[0].strip(), k) for l in table for k in ("flat (exact)", "hnsw", "ivf") if k in l}
+    for g in ("1k structured", "5k structured", "1k uniform (worst case)"):
+        for k in ("flat (exact)", "hnsw", "ivf"):
+            assert (g, k) in kinds, (g, k)
+    for l in table:
+        recall = float(l.split()[-1])
+        assert 0.0 <= recall <= 1.0
+        if "flat (exact)" in l:
+            assert l.split()[-1] == "1.000"
+    assert any(l.startswith("query total = student text encode") for l in lines)
+
+
+def test_eval_and_train_tables(smoke):
+    ev = _rows(smoke, "4. Evaluation")
+    for name in ("metrics.verification", "metrics.retrieval text->image", "metrics.retrieval image->text"):
+        assert any(re.match(rf"{re.escape(name)}.*\s{NUM}\s+{NUM}\s+{NUM}\s*$", l) for l in ev), name
+    tr = _rows(smoke, "5. Training")
+    for name in ("forward (student + losses)", "backward", "clip + AdamW", "steps/s", "images/s"):
+        assert any(l.startswith(name) for l in tr), name
+    assert any(re.match(rf"DataLoader, 1 workers: \d+ batches incl. start-up\s+{NUM} s = {NUM} batches/s", l)
+               for l in tr)
+    assert re.search(rf"^loader keeps up: (yes|no) \({NUM} batches/s vs {NUM} steps/s\)$", smoke, re.M)
+
+
+def test_headline_lines(smoke):
+    head = _rows(smoke, "Headline")
+    assert any(re.match(rf"image encoder speed-up vs .* @ batch 1: {NUM}x \(target >= 1000x\) (met|NOT met)$", l)
+               for l in head)
+    assert any(re.match(rf"text encoder speed-up vs .* @ batch 1: {NUM}x \(target >= 150x\) (met|NOT met)", l)
+               for l in head)
+    assert any(re.match(rf"text encoder speed-up vs .* typical \d+-character query: {NUM}x", l) for l in head)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--threads", "0"], "--threads"),
+    (["--smoke", "--checkpoint", "/nonexistent/ckpt.pt"], "/nonexistent/ckpt.pt"),
+    (["--smoke", "--sections", "image,bogus"], "bogus"),
+])
+def test_bad_input_is_one_line(argv, needle):
+    r = _run(*argv, timeout=60)
+    assert r.returncode != 0
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], r.stderr
+    assert "Traceback" not in r.stderr

@@ -1,0 +1,73 @@
+"""bench/quality.py end to end in its --smoke configuration (24 ids x 2 images, 6 iterations, tiny student, the
+in-process bag-of-words hash teacher instead of all-MiniLM-L6-v2; ~45 s on 2 busy cores), plus its one-line error.
+Structure only: the figures of a 10-iteration student mean nothing, so quality is never asserted.
+
+    python3 -m pytest -q tests/test_quality_bench.py
+"""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "bench" / "quality.py"
+NUM = r"\d+(?:\.\d+)?\*?"  # a figure; '*' marks the English-only teacher's Chinese rows
+
+
+def _run(*argv, timeout=300):
+    # from another folder: the script must find the repo on its own
+    return subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True, text=True, timeout=timeout,
+                          cwd=str(ROOT / "tests"))
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("quality")
+    r = _run("--smoke", "--out", str(out))
+    assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r.stdout, out
+
+
+def _row(out, label):
+    m = re.search(r"^" + re.escape(label) + r"\s+(.*)$", out, re.M)
+    assert m, f"row {label!r} missing"
+    return m.group(1).split()
+
+
+def test_table_has_teacher_student_and_text_only_figures(smoke):
+    out, _ = smoke
+    header = next(l for l in out.splitlines() if l.split() == ["teacher", "student", "text-only"])
+    assert header
+    for label in ("EER (%)", "R@1 (%)", "R@5 (%)", "mAP (%)", "paraphrase R@1 (%): dataset en",
+                  "paraphrase R@1 (%): new-en (composed)", "paraphrase R@1 (%): dataset zh",
+                  "paraphrase R@1 (%): new-zh (composed)"):
+        vals = _row(out, label)
+        assert len(vals) == 3 and all(re.fullmatch(NUM, v) for v in vals), (label, vals)
+    vals = _row(out, "FRR@FAR=1e-3 (%)")  # 10 images x 25 captions cannot resolve 1e-3: n/a is the honest answer
+    assert len(vals) == 3 and all(re.fullmatch(NUM + "|n/a", v) for v in vals)
+    for name in ("en", "new-en", "zh", "new-zh"):
+        vals = _row(out, f"text-only: mean cos to teacher {name}")
+        assert vals[:2] == ["-", "-"] and re.fullmatch(r"-?\d\.\d{3}", vals[2])
+
+
+def test_commands_wall_time_and_json(smoke):
+    out, folder = smoke
+    assert "SMOKE configuration" in out
+    cmds = out.split("\ncommands:\n", 1)[1]
+    assert "tools/make_synthetic_pedes.py" in cmds and cmds.count("main.py") == 2 and "--text_only" in cmds
+    assert re.search(r"^wall time: .*total \d+s", out, re.M)
+    res = json.loads((folder / "quality.json").read_text())
+    for col in ("teacher", "student", "text_only"):
+        assert isinstance(res[col]["eer"], float) and isinstance(res[col]["r1"], float)
+        assert set(res[col]["paraphrase_r1"]) == {"en", "new-en", "zh", "new-zh"}
+    assert all(isinstance(v, float) for v in res["text_only"]["mean_cos_to_teacher"].values())
+    assert res["config"]["mode"] == "smoke" and res["commands"] and res["wall_time_s"]["total"] > 0
+    assert not list(folder.glob("*.tmp.*"))  # written atomically
+
+
+def test_bad_size_is_one_line():
+    r = _run("--smoke", "--ids", "1", "--out", "/nonexistent-never-created")
+    assert r.returncode != 0 and r.stderr.strip() == "error: --ids must be >= 2 and --iters >= 1"
