@@ -16,7 +16,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 import torch
@@ -106,7 +105,7 @@ def main(args):
     model.to(device).eval()
 
     idx = list(range(len(records))) if args.split == "all" else data_lib.split_records(records, test_ratio, "test")
-    img_rows_done = None
+    teacher_cache = None
     if cfg.get("text_only"):
         # the gallery is the teacher's image embeddings of the held-out records
         from embedding_cache import EmbeddingCache
@@ -116,7 +115,7 @@ def main(args):
             raise SystemExit(f"error: {e}")
         done = cache.done("image")
         idx = [i for i in idx if done[i]]
-        img_rows_done = cache
+        teacher_cache = cache
     else:
         ok, n_missing, n_corrupt = data_lib.check_images([records[i] for i in idx])
         if n_missing or n_corrupt:
@@ -127,8 +126,8 @@ def main(args):
     langs = tuple(s for s in args.langs.split(",") if s)
     emb = embed_split(model, records, idx, cfg, device=device, langs=langs, batch_size=args.batch_size,
                       workers=args.workers)
-    if img_rows_done is not None:
-        emb["img_emb"] = np.asarray(img_rows_done.array("image")[idx], dtype=np.float32)
+    if teacher_cache is not None:
+        emb["img_emb"] = np.asarray(teacher_cache.array("image")[idx], dtype=np.float32)
     if len(emb["cap_texts"]) == 0:
         raise SystemExit(f"error: the selected split has no captions in languages {args.langs}")
     print(f"{len(idx)} images, {len(emb['cap_texts'])} captions ({args.langs}), "

@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 import time
 from collections import deque
@@ -243,7 +242,8 @@ def amp_dtype(args):
 @torch.no_grad()
 def evaluate_heldout(args, model, records, test_idx):
     from evaluation_model import embed_split  # the same embedding code as the evaluation script
-    if not test_idx:
+    if not test_idx or model.text_only:
+        # text-only students are evaluated against the teacher's image cache (evaluation_model.py)
         return {}
     idx = test_idx[:args.eval_max_images]
     langs = tuple(s for s in args.eval_langs.split(",") if s)
@@ -251,8 +251,6 @@ def evaluate_heldout(args, model, records, test_idx):
                       workers=min(args.workers, 2), progress=False)
     if emb["cap_emb"].shape[0] == 0:
         return {}
-    if model.text_only:
-        return {}  # text-only students are evaluated against the teacher's image cache (evaluation_model.py)
     res = metrics.evaluate_embeddings(emb["img_emb"], emb["cap_emb"], emb["cap_img_index"], emb["img_pids"],
                                       emb["cap_pids"])
     return res["headline"]
