@@ -291,7 +291,7 @@ class DistillDataset(Dataset):
     workers keep the old epoch). The teacher cache's memmaps are opened lazily in each worker, never pickled.
     """
 
-    def __init__(self, records, indices, cache=None, image_size=(224, 112), train=True, max_seq_length=64,
+    def __init__(self, records, indices, cache=None, image_size=(224, 112), train=True, max_seq_length=128,
                  vocab_size=8192, compose_prob=0.0, compose_zh_prob=0.5, langs=("en", "zh"), seed=0,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD):
         bad = [l for l in langs if l not in LANGS]

@@ -141,19 +141,37 @@ class ResumableSampler(torch.utils.data.Sampler):
 
     Resume must reproduce the next step exactly, so the order is a pure function of (seed, epoch) and the
     first batches of a resumed epoch are skipped by index instead of by loading them.
+
+    With `groups` (an id per item) and instances_per_id K > 1, the permutation is made of runs of up to K items
+    of one identity (P x K sampling, as in ReID): the identity terms then see positives other than the sample's
+    own caption in every batch, where uniform sampling of ~4-image identities almost never pairs two images.
     """
 
-    def __init__(self, n, batch_size, rank, world_size, seed):
+    def __init__(self, n, batch_size, rank, world_size, seed, groups=None, instances_per_id=1):
         self.n, self.bs, self.rank, self.ws, self.seed = n, batch_size, rank, world_size, seed
         self.epoch, self.start_batch = 0, 0
         self.batches_per_epoch = n // (batch_size * world_size)
+        self.k = max(1, int(instances_per_id))
+        self.by_id = None
+        if groups is not None and self.k > 1:
+            by_id = {}
+            for i, g in enumerate(groups):
+                by_id.setdefault(int(g), []).append(i)
+            self.by_id = [by_id[g] for g in sorted(by_id)]
 
     def set_epoch(self, epoch, start_batch=0):
         self.epoch, self.start_batch = epoch, start_batch
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
-        perm = torch.randperm(self.n, generator=g).tolist()
+        if self.by_id is None:
+            perm = torch.randperm(self.n, generator=g).tolist()
+        else:  # shuffle within each id, cut into runs of K, shuffle the runs
+            runs = []
+            for items in self.by_id:
+                items = [items[j] for j in torch.randperm(len(items), generator=g).tolist()]
+                runs += [items[j:j + self.k] for j in range(0, len(items), self.k)]
+            perm = [i for j in torch.randperm(len(runs), generator=g).tolist() for i in runs[j]]
         global_bs = self.bs * self.ws
         for b in range(self.start_batch, self.batches_per_epoch):
             chunk = perm[b * global_bs:(b + 1) * global_bs]
@@ -183,7 +201,9 @@ def build_data(args, records, cache):
                                  max_seq_length=args.max_seq_length, vocab_size=args.vocab_size,
                                  compose_prob=args.compose_prob, compose_zh_prob=args.compose_zh_prob,
                                  langs=langs, seed=args.seed)
-    sampler = ResumableSampler(len(ds), args.batch_size, args.rank, args.world_size, args.seed)
+    sampler = ResumableSampler(len(ds), args.batch_size, args.rank, args.world_size, args.seed,
+                               groups=[records[int(r)]["id"] for r in ds.indices],
+                               instances_per_id=args.instances_per_id)
     return ds, sampler, train_idx, test_idx
 
 

@@ -61,7 +61,7 @@ def default_model_cfg(args, teacher_dim, teacher_name=""):
         "text_backbone": opt("text_backbone", "char_small"),
         "feature_dim": int(teacher_dim if text_only else opt("feature_dim", 512)),
         "image_size": _parse_size(opt("image_size", [224, 112])),
-        "max_seq_length": int(opt("max_seq_length", 64)),
+        "max_seq_length": int(opt("max_seq_length", 128)),
         "vocab_size": int(opt("vocab_size", DEFAULT_VOCAB_SIZE)),
         "embed_dim": int(opt("embed_dim", 256)),
         "text_only": text_only,

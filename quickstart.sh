@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-quickstart_out}
 PY=${PYTHON:-python3}
-IDS=${IDS:-300}
+IDS=${IDS:-1000}
 ITERS=${ITERS:-800}
 export OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 step() { printf '\n==== %s\n' "$*"; }
@@ -28,10 +28,10 @@ $PY evaluation_labels.py --data "$DATA" --embedding_path "$OUT/embeddings" --top
 
 step "4/8 train the student ($ITERS iterations, CPU)"
 $PY main.py --data "$DATA" --embedding_path "$OUT/embeddings" --output_dir "$OUT/logs" --run_name quickstart \
-  --resume auto --backbone mobile_tiny --text_backbone char_tiny --image_size 128x64 --feature_dim 256 \
-  --batch_size 64 --iters "$ITERS" --warmup 50 --lr 5e-4 --eval_every 200 --save_every 200 --log_every 50 \
-  --workers 2
-RUN="$OUT/logs/expModel-mobile_tiny-128x64-256/quickstart"
+  --resume auto --backbone res_tiny --text_backbone char_tiny --image_size 128x64 --feature_dim 256 \
+  --batch_size 64 --instances_per_id 4 --iters "$ITERS" --warmup 50 --lr 2e-3 --eval_every 200 --save_every 200 \
+  --log_every 50 --workers 2
+RUN="$OUT/logs/expModel-res_tiny-128x64-256/quickstart"
 
 step "5/8 the student's table on the held-out identities"
 $PY evaluation_model.py "$RUN/last.pt" --top_k 5

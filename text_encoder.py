@@ -40,7 +40,7 @@ def list_text_backbones():
     return sorted(TEXT_BACKBONES)
 
 
-def create_text_encoder(name, out_dim, max_seq_length=64, vocab_size=DEFAULT_VOCAB_SIZE, embed_dim=256, **kw):
+def create_text_encoder(name, out_dim, max_seq_length=128, vocab_size=DEFAULT_VOCAB_SIZE, embed_dim=256, **kw):
     if name not in TEXT_BACKBONES:
         raise ValueError(f"unknown text backbone {name!r}; registered: {', '.join(list_text_backbones())}")
     return TEXT_BACKBONES[name](out_dim=out_dim, max_seq_length=max_seq_length, vocab_size=vocab_size,
@@ -83,7 +83,7 @@ class Block(nn.Module):
 
 
 class CharTextEncoder(nn.Module):
-    def __init__(self, out_dim, width=256, depth=4, heads=4, mlp_ratio=4.0, max_seq_length=64,
+    def __init__(self, out_dim, width=256, depth=4, heads=4, mlp_ratio=4.0, max_seq_length=128,
                  vocab_size=DEFAULT_VOCAB_SIZE, embed_dim=256):
         super().__init__()
         self.max_seq_length, self.embed_dim, self.out_dim = max_seq_length, embed_dim, out_dim

@@ -69,4 +69,4 @@ def reparameterize_model(model: nn.Module) -> nn.Module:
 
 
 # import the families last: they register themselves through register_backbone above
-from backbone import mobilenet, repconv, tv  # noqa: E402,F401
+from backbone import mobilenet, repconv, resnet, tv  # noqa: E402,F401

@@ -1,7 +1,7 @@
 """Quality of the distilled student against its teacher, on held-out identities, in ONE command (README "Results").
 
-    python bench/quality.py                       # full: 400 ids, 1500 iterations (what the README reports)
-    python bench/quality.py --quick               # < 8 min on 2 CPU cores: 200 ids, 300 iterations
+    python bench/quality.py                       # full: 1000 ids, 2000 iterations (what the README reports)
+    python bench/quality.py --quick               # ~10 min on 2 CPU cores: 1000 ids, 400 iterations
     python bench/quality.py --smoke --out /tmp/q  # ~half a minute: tiny everything (tests/test_quality_bench.py)
     python bench/quality.py --ablation            # --quick size, one loss term off at a time -> ablation table
     python bench/quality.py --quick -- --compose_prob 0.5 --lr 3e-3    # extra main.py flags after --
@@ -47,8 +47,8 @@ sys.path.insert(0, str(ROOT))
 # ---------------------------------------------------------------------------------------------------------------
 # The recipe: main.py flags of the student (tune here). --iters comes from the size below.
 RECIPE = {
-    "backbone": "mobile_tiny", "text_backbone": "char_tiny", "image_size": "128x64", "feature_dim": 256,
-    "batch_size": 64, "lr": 2e-3, "warmup": 50,
+    "backbone": "res_tiny", "text_backbone": "char_tiny", "image_size": "128x64", "feature_dim": 256,
+    "max_seq_length": 128, "batch_size": 64, "instances_per_id": 4, "lr": 2e-3, "warmup": 50,
     "workers": 2, "log_every": 50, "eval_every": 0, "save_every": 100,  # bookkeeping, not quality
 }
 BOOKKEEPING = ("workers", "log_every", "eval_every", "save_every")  # left out of the run's hash: reuse stays valid
@@ -57,8 +57,8 @@ TEXT_ONLY = {"text_only": True, "d_pos_weight": 0}  # added to RECIPE for the te
 SMOKE_RECIPE = {"image_size": "64x32", "feature_dim": 32, "batch_size": 8, "warmup": 2, "workers": 0,
                 "log_every": 5, "vocab_size": 1024, "embed_dim": 64}
 SIZES = {  # ids, images per id, generated image height x width, training iterations
-    "full": dict(ids=400, images_per_id=4, height=256, width=128, iters=1500),
-    "quick": dict(ids=200, images_per_id=4, height=256, width=128, iters=300),
+    "full": dict(ids=1000, images_per_id=4, height=256, width=128, iters=2000),
+    "quick": dict(ids=1000, images_per_id=4, height=256, width=128, iters=400),  # same data and cache as full
     "smoke": dict(ids=24, images_per_id=2, height=128, width=64, iters=6),
 }
 # --ablation: each entry switches one loss term (group) off; the baseline is RECIPE itself
@@ -82,13 +82,13 @@ QUERY_SETS = ("en", "new-en", "zh", "new-zh")
 def get_args_parser(add_help=False):
     p = argparse.ArgumentParser("student vs teacher quality on held-out identities", add_help=add_help)
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="200 ids, 300 iterations (< 8 min on 2 CPU cores)")
+    mode.add_argument("--quick", action="store_true", help="1000 ids, 400 iterations (~10 min on 2 CPU cores)")
     mode.add_argument("--smoke", action="store_true", help="tiny sizes, seconds; checks the script runs end to end")
     p.add_argument("--ablation", action="store_true",
                    help="at the --quick size (or --smoke): the student with one loss term off at a time")
     p.add_argument("--out", default=str(ROOT / "logs" / "quality"), help="folder for data, cache, runs, quality.json")
-    p.add_argument("--ids", type=int, default=None, help="identities to generate (default: by mode, full 400)")
-    p.add_argument("--iters", type=int, default=None, help="training iterations (default: by mode, full 1500)")
+    p.add_argument("--ids", type=int, default=None, help="identities to generate (default: by mode, 1000)")
+    p.add_argument("--iters", type=int, default=None, help="training iterations (default: by mode, full 2000)")
     p.add_argument("--seed", type=int, default=0, help="generator seed and training seed")
     p.add_argument("--device", default="cpu", help="training and evaluation device (main.py --device)")
     p.add_argument("--teacher", choices=TEACHERS, default=None,

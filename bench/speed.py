@@ -264,8 +264,10 @@ def prepare_student(args, tmp):
     else:
         torch.manual_seed(args.seed)
         teacher_dim = (SMOKE_TEXT if args.smoke else TEACHER_TEXT)["projection_size"]
+        # max_seq_length 64: the text table compares both towers at L=64 (SigLIP pads every text to 64 tokens)
         cfg = default_model_cfg(dict(backbone=args.backbone, text_backbone=args.text_backbone,
-                                     feature_dim=args.feature_dim, image_size=list(args.image_size)),
+                                     feature_dim=args.feature_dim, image_size=list(args.image_size),
+                                     max_seq_length=64),
                                 teacher_dim=teacher_dim, teacher_name=SO400M)
         try:
             model = build_model(cfg).eval()

@@ -239,15 +239,32 @@ def test_rkd_collapsed_student_pair_bounded_gradients():
 def test_fd_masks_rows_and_trains_the_projection():
     b = batch(B=6, Ds=4, Dt=7, seed=10)
     b["has_t_cap"] = torch.tensor([1, 1, 0, 1, 0, 1], dtype=torch.bool)
-    crit = only(4, 7, fd_weight=2.0)
-    d = call(crit, b)
-    with torch.no_grad():
-        y = crit.fd_proj(b["s_cap"])
-    ref = [1 - F.cosine_similarity(y[i], b["t_cap"][i], dim=0) for i in range(6) if b["has_t_cap"][i]]
-    assert d["fd_cap"].item() == pytest.approx(2 * float(sum(ref) / len(ref)), rel=1e-5)
+    for center in (0, 1):
+        crit = only(4, 7, fd_weight=2.0, fd_center=center)
+        d = call(crit, b)
+        keep = b["has_t_cap"]
+        with torch.no_grad():
+            y, t = crit.fd_proj(b["s_cap"])[keep], b["t_cap"][keep]
+            if center:  # centred on the rows that have a teacher, each side on its own mean
+                y, t = y - y.mean(0), t - t.mean(0)
+        ref = [1 - F.cosine_similarity(y[i], t[i], dim=0) for i in range(len(t))]
+        assert d["fd_cap"].item() == pytest.approx(2 * float(sum(ref) / len(ref)), rel=1e-5), center
     sum(d.values()).backward()
     assert crit.fd_proj.weight.grad is not None and crit.fd_proj.weight.grad.abs().sum() > 0
     assert [n for n, _ in crit.named_parameters()] == ["fd_proj.weight"]
+
+
+def test_fd_center_ignores_a_common_teacher_component():
+    # teacher = student direction + one shared vector: uncentred fd is far from 0, centred fd is exactly 0
+    b = batch(B=8, Ds=6, Dt=6, seed=11)
+    common = 3 * torch.randn(6, generator=torch.Generator().manual_seed(1))
+    b["t_cap"] = b["s_cap"].detach() + common
+    b["t_img"] = b["s_img"].detach() + common
+    plain = call(only(6, 6, fd_weight=1.0, fd_center=0), b)
+    centred = call(only(6, 6, fd_weight=1.0, fd_center=1), b)
+    assert plain["fd_cap"].item() > 0.05 and plain["fd_img"].item() > 0.05
+    assert centred["fd_cap"].item() == pytest.approx(0, abs=1e-6)
+    assert centred["fd_img"].item() == pytest.approx(0, abs=1e-6)
 
 
 # ----------------------------------------------------------------------------- d_pos, s_neg
@@ -529,7 +546,8 @@ def test_float32_under_autocast():
 # ----------------------------------------------------------------------------- DDP (2 processes, gloo)
 
 W = 2
-DDP_KW = dict(dist_rel_weight=1.0, rkda_weight=0.0, rkdd_weight=0.0, fd_weight=1.0, id_img_weight=1.0,
+# fd_center 0: a centred fd uses each rank's own batch mean, so only the uncentred one is exact across ranks
+DDP_KW = dict(dist_rel_weight=1.0, rkda_weight=0.0, rkdd_weight=0.0, fd_weight=1.0, fd_center=0, id_img_weight=1.0,
               id_cap_weight=1.0, id_img_cap_weight=1.0, id_temp=0.1, memory_size=12, d_pos_weight=1.0,
               s_neg_weight=1.0, s_neg_margin=0.0)
 

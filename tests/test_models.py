@@ -85,6 +85,8 @@ def test_reparameterize_equivalence(name):
         assert leaves <= {nn.Conv2d, nn.ReLU}, leaves  # a plain Conv+ReLU net (+ functional GAP)
     if name.startswith("mobile"):
         assert leaves <= {nn.Conv2d, nn.ReLU, nn.Identity}, leaves
+    if name.startswith("res_"):
+        assert leaves <= {nn.Conv2d, nn.ReLU, nn.Identity, nn.MaxPool2d}, leaves
 
 
 def test_folded_repconv_onnx_is_conv_relu_only(tmp_path):
