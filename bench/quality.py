@@ -68,6 +68,10 @@ ABLATIONS = {
     "fd": {"fd_weight": 0},
     "id (img, cap, img_cap)": {"id_img_weight": 0, "id_cap_weight": 0, "id_img_cap_weight": 0},
     "d_pos+s_neg": {"d_pos_weight": 0, "s_neg_weight": 0},
+    # the recipe's other choices, each undone alone
+    "fd centring (--fd_center 0)": {"fd_center": 0},
+    "P x K batches (--instances_per_id 1)": {"instances_per_id": 1},
+    "128 characters (--max_seq_length 64)": {"max_seq_length": 64},
 }
 # a run is reused only when these sources are unchanged (the student's code and its losses' defaults live here)
 TRAINING_SOURCES = ("main.py", "opts.py", "model.py", "losses.py", "data.py", "captions.py", "text_encoder.py",
@@ -528,8 +532,8 @@ def run_ablation(args, out, data_json, emb_dir, records, test_idx, sets, recipe,
                      "wall_time_s": {k: round(v, 1) for k, v in times.items()},
                      "load_average_end": list(os.getloadavg())})
     atomic_json(out / "ablation.json", res)
-    print(f"\n== ablation: the student with one loss term off ({config['mode']} size, {size['iters']} iterations) ==")
-    print_table(["EER (%)", "R@1 (%)", "new-en R@1", "zh R@1"], rows, first=28, title="term switched off")
+    print(f"\n== ablation: the student with one loss term off or one recipe choice undone ({config['mode']} size, {size['iters']} iterations) ==")
+    print_table(["EER (%)", "R@1 (%)", "new-en R@1", "zh R@1"], rows, first=40, title="switched off / undone")
     print_footer(out / "ablation.json", times)
     return res
 
