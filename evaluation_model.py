@@ -1,6 +1,6 @@
 """Evaluate a trained student on the held-out identities: the seed's EER/FAR table, retrieval, error lists.
 
-    python evaluation_model.py logs/expModel-mobile_small-224x112-512/1/last.pt
+    python evaluation_model.py logs/expModel-res_tiny-224x112-512/1/last.pt
     python evaluation_model.py <ckpt> --data SYNTH-PEDES/synthpedes-dataset.json --langs zh --json eval.json
 A --text_only student lives in the teacher's space: its captions are matched against the teacher's image cache
 (the gallery a teacher-enrolled search would hold):

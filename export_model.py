@@ -1,6 +1,6 @@
 """Export a trained student checkpoint to ONNX for search/ (DESIGN.md §8, docs/INTERFACES.md "Export").
 
-    python export_model.py logs/expModel-mobile_small-224x112-512/1/last.pt logs/expModel-mobile_small-224x112-512/1/
+    python export_model.py logs/expModel-res_tiny-224x112-512/1/last.pt logs/expModel-res_tiny-224x112-512/1/
     python export_model.py <checkpoint> <output_dir> --fp16 --int8          # also *.fp16.onnx and *.int8.onnx
     python export_model.py <checkpoint> <output_dir> --no_simplify --opset 17 --batch_check 4 --atol 1e-4
 

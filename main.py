@@ -1,9 +1,9 @@
 """Distil an image-text teacher (SigLIP2, or the offline attribute teacher) into a tiny person-search student.
 
 Single process (GPU or CPU):
-    python main.py --backbone mobile_small --data SYNTH-PEDES/synthpedes-dataset.json --embedding_path embeddings
+    python main.py --backbone res_tiny --data SYNTH-PEDES/synthpedes-dataset.json --embedding_path embeddings
 Several GPUs:
-    torchrun --nproc_per_node=4 main.py --backbone mobile_small --data SYNTH-PEDES/synthpedes-dataset.json --embedding_path embeddings
+    torchrun --nproc_per_node=4 main.py --backbone res_tiny --data SYNTH-PEDES/synthpedes-dataset.json --embedding_path embeddings
 Continue the newest run after a crash or kill:
     python main.py ... --resume auto
 Text encoder only, into the teacher's space (search galleries enrolled with the teacher):
@@ -49,14 +49,20 @@ def init_distributed(args):
     args.rank = int(os.environ.get("RANK", 0))
     args.local_rank = int(os.environ.get("LOCAL_RANK", 0))
     args.distributed = args.world_size > 1
+    # more processes than GPUs (e.g. a 2-process DDP check on one GPU) share them round-robin; NCCL refuses two
+    # ranks on one device, so that needs --dist_backend gloo
+    n_gpu = torch.cuda.device_count()
     if args.device == "auto":
-        args.device = f"cuda:{args.local_rank}" if torch.cuda.is_available() else "cpu"
+        args.device = f"cuda:{args.local_rank % n_gpu}" if torch.cuda.is_available() else "cpu"
     elif args.device == "cuda" and args.distributed:
-        args.device = f"cuda:{args.local_rank}"
+        args.device = f"cuda:{args.local_rank % max(1, n_gpu)}"
     if args.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(args.device))
     if args.distributed:
-        dist.init_process_group(backend="nccl" if args.device.startswith("cuda") else "gloo")
+        backend = args.dist_backend
+        if backend == "auto":
+            backend = "nccl" if args.device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend=backend)
 
 
 def is_main(args):
@@ -339,6 +345,8 @@ def train_one_epoch(args, state, loader, distiller, optimizer, scheduler, scaler
 
 
 def main(args):
+    if args.warmup < 0:  # auto: a tenth of a short run, at most 500 steps (a fixed 500 would never end in 200 iters)
+        args.warmup = min(500, args.iters // 10)
     init_distributed(args)
     run_dir = choose_run_dir(args)
     if args.distributed:

@@ -56,7 +56,7 @@ def default_model_cfg(args, teacher_dim, teacher_name=""):
     if text_only and not teacher_dim:
         raise ValueError("text_only needs the teacher dim (the student text model lives in the teacher's space)")
     return {
-        "backbone": opt("backbone", "mobile_small"),
+        "backbone": opt("backbone", "res_tiny"),
         "backbone_kwargs": _parse_kwargs(opt("backbone_kwargs", {})),  # architecture only, never a weights path
         "text_backbone": opt("text_backbone", "char_small"),
         "feature_dim": int(teacher_dim if text_only else opt("feature_dim", 512)),
