@@ -107,7 +107,7 @@ def get_args_parser(add_help=False):
     g.add_argument("--smoke", action="store_true", help="tiny everything, seconds (for tests; numbers mean nothing)")
     p.add_argument("--threads", type=int, default=2,
                    help="torch threads = ONNX Runtime intra_op_num_threads = faiss OpenMP threads")
-    p.add_argument("--backbone", default="mobile_small", help="student image backbone (backbone.list_backbones())")
+    p.add_argument("--backbone", default="mobile_small", help="student image backbone (backbone.list_backbones()); the README table is for mobile_small")
     p.add_argument("--text_backbone", default="char_small",
                    help="student text encoder: char_tiny, char_small, char_base")
     p.add_argument("--feature_dim", type=int, default=512, help="student embedding size (= gallery/eval D)")
