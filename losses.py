@@ -287,8 +287,8 @@ class DistillLoss(nn.Module):
 
     def __init__(self, s_dim, t_dim, dist_rel_weight=1.0, dist_rel_t_temp=0.0, dist_rel_s_temp=0.0,
                  rkda_weight=1.0, rkdd_weight=0.5, rkd_max_rows=128, fd_weight=1.0, fd_proj="auto", fd_center=1,
-                 id_img_weight=0.1, id_cap_weight=0.1, id_img_cap_weight=0.1, id_temp=0.05,
-                 memory_size=4096, memory_warmup=0, d_pos_weight=0.1, s_neg_weight=1.0, s_neg_margin=0.2,
+                 id_img_weight=0.1, id_cap_weight=0.1, id_img_cap_weight=1.0, id_temp=0.05,
+                 memory_size=4096, memory_warmup=1000, d_pos_weight=0.1, s_neg_weight=1.0, s_neg_margin=0.2,
                  s_neg_mode="mean"):
         super().__init__()
         self.s_dim, self.t_dim = int(s_dim), int(t_dim)

@@ -19,8 +19,15 @@ ALL_OFF = {k: 0.0 for k in ("dist_rel_weight", "rkda_weight", "rkdd_weight", "fd
 
 
 def only(s_dim, t_dim, **kw):
-    """A criterion with every term off except those given."""
-    return DistillLoss(s_dim, t_dim, **{**ALL_OFF, **kw})
+    """A criterion with every term off except those given; the memory is used from the first step unless given."""
+    return DistillLoss(s_dim, t_dim, **{"memory_warmup": 0, **ALL_OFF, **kw})
+
+
+def test_constructor_defaults_are_the_cli_defaults():
+    import inspect
+    sig = inspect.signature(DistillLoss.__init__).parameters
+    from losses import DEFAULTS
+    assert {k: sig[k].default for k in DEFAULTS} == DEFAULTS
 
 
 def unit(*shape, gen):
@@ -549,7 +556,7 @@ W = 2
 # fd_center 0: a centred fd uses each rank's own batch mean, so only the uncentred one is exact across ranks
 DDP_KW = dict(dist_rel_weight=1.0, rkda_weight=0.0, rkdd_weight=0.0, fd_weight=1.0, fd_center=0, id_img_weight=1.0,
               id_cap_weight=1.0, id_img_cap_weight=1.0, id_temp=0.1, memory_size=12, d_pos_weight=1.0,
-              s_neg_weight=1.0, s_neg_margin=0.0)
+              s_neg_weight=1.0, s_neg_margin=0.0, memory_warmup=0)
 
 
 def _ddp_data(step, Bl=4, Ds=5, Dt=6):

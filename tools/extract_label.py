@@ -23,7 +23,6 @@ import os
 # spinning made small training steps up to 13x slower (bench/speed.py); on a dedicated GPU box it costs nothing.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
-import os
 import sys
 from pathlib import Path
 
