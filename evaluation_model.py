@@ -41,6 +41,11 @@ def get_args_parser(add_help=False):
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="write every figure to this file")
+    p.add_argument("--plots", default=None, metavar="DIR",
+                   help="write det.png (ROC/DET, with the teacher when its cache is there), retrieval.png (a few "
+                        "queries with their top-5 images) and learning_curve.png (from the run's train.log) to "
+                        "DIR, and add them to the run's TensorBoard")
+    p.add_argument("--plot_queries", type=int, default=6, help="queries on the retrieval sheet")
     return p
 
 
@@ -138,6 +143,8 @@ def main(args):
     print(metrics.format_retrieval(res["t2i"], res["i2t"]))
     if cfg.get("text_only"):
         print("(text-only student: captions by the student, gallery = the teacher's image cache)")
+    if args.plots:
+        write_plots(args, ckpt, cfg, records, idx, emb, data_json)
     if args.json:
         out = {"checkpoint": args.checkpoint, "split": args.split, "langs": args.langs,
                "n_images": len(idx), "n_captions": len(emb["cap_texts"]), **metrics.to_jsonable(res)}
@@ -147,6 +154,61 @@ def main(args):
         os.replace(tmp, args.json)
         print(f"wrote {args.json}")
     return res
+
+
+def retrieval_rows(emb, records, n_queries=6, k=5, seed=0, gallery_images=None):
+    """[(query, [(image, score, hit)])] for a retrieval sheet: the first caption of n seeded held-out ids."""
+    import random
+    first = {}
+    for j, pid in enumerate(emb["cap_pids"].tolist()):
+        first.setdefault(pid, j)
+    picks = sorted(random.Random(seed).sample(sorted(first), min(n_queries, len(first))))
+    rows = []
+    for pid in picks:
+        j = first[pid]
+        s = emb["img_emb"] @ emb["cap_emb"][j]
+        top = np.argsort(-s, kind="stable")[:k]
+        imgs = gallery_images or [records[r]["image_path"] for r in emb["img_records"]]
+        rows.append((emb["cap_texts"][j], [(imgs[t], float(s[t]), bool(emb["img_pids"][t] == pid)) for t in top]))
+    return rows
+
+
+def write_plots(args, ckpt, cfg, records, idx, emb, data_json):
+    """det.png, retrieval.png, learning_curve.png into args.plots, and into the run's TensorBoard as images."""
+    from pathlib import Path
+    import plots
+    out = Path(args.plots)
+    out.mkdir(parents=True, exist_ok=True)
+    curves = {"student": plots.det_curve(emb["img_emb"], emb["cap_emb"], emb["cap_img_index"], emb["img_pids"],
+                                         emb["cap_pids"])}
+    emb_path = args.embedding_path or ckpt.get("args", {}).get("embedding_path")
+    try:  # the teacher's curve on the same pairs, from its cache, when the cache is at hand
+        from embedding_cache import EmbeddingCache
+        cache = EmbeddingCache.open(emb_path, data_json)
+        if cache.done("image")[idx].all() and cache.done("caption")[emb["cap_rows"]].all():
+            t_img = np.asarray(cache.array("image")[idx], np.float32)
+            t_cap = np.asarray(cache.array("caption")[emb["cap_rows"]], np.float32)
+            curves = {"teacher": plots.det_curve(t_img, t_cap, emb["cap_img_index"], emb["img_pids"],
+                                                 emb["cap_pids"]), **curves}
+    except (ValueError, OSError, TypeError) as e:
+        print(f"(det.png without the teacher: {str(e).splitlines()[0] if str(e) else type(e).__name__})")
+    files = {"det": plots.plot_det(curves, out / "det.png")}
+    if not cfg.get("text_only"):
+        files["retrieval"] = plots.plot_retrieval_sheet(retrieval_rows(emb, records, args.plot_queries),
+                                                        out / "retrieval.png")
+    run_dir = Path(args.checkpoint).resolve().parent
+    log = run_dir / "train.log"
+    points = plots.read_eval_log(log) if log.exists() else {}
+    files["learning_curve"] = plots.plot_learning_curve(points, out / "learning_curve.png")
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        w = SummaryWriter(str(run_dir))
+        for name, f in files.items():
+            w.add_image(f"plots/{name}", plots.png_to_array(f), int(ckpt.get("step", 0)), dataformats="HWC")
+        w.close()
+    except (OSError, ImportError) as e:
+        print(f"(plots not added to TensorBoard: {e})")
+    print("wrote " + ", ".join(files.values()))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import json
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from backbone import create_backbone
 from search.charmap import CHARMAP_VERSION, DEFAULT_VOCAB_SIZE
@@ -44,6 +45,19 @@ def _parse_kwargs(v):
     return v
 
 
+def _parse_stripes(v):
+    """'auto' (one stripe per row of the last feature map, at most 8), 0 (global average pool) or N >= 1."""
+    if v in ("auto", None):
+        return "auto"
+    try:
+        n = int(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"stripes must be 'auto' or an integer >= 0, got {v!r}") from None
+    if n < 0 or n > 64:
+        raise ValueError(f"stripes must be 'auto' or an integer in [0, 64], got {v!r}")
+    return n
+
+
 def default_model_cfg(args, teacher_dim, teacher_name=""):
     """Model cfg (plain JSON-able dict) from an argparse Namespace or a dict; missing keys take defaults."""
     get = args.get if isinstance(args, dict) else (lambda k, d=None: getattr(args, k, d))
@@ -67,6 +81,7 @@ def default_model_cfg(args, teacher_dim, teacher_name=""):
         "text_only": text_only,
         "teacher_dim": int(teacher_dim) if teacher_dim else None,
         "teacher_name": str(teacher_name or ""),
+        "stripes": _parse_stripes(opt("stripes", "auto")),
         "mean": [float(x) for x in opt("mean", IMAGENET_MEAN)],
         "std": [float(x) for x in opt("std", IMAGENET_STD)],
         "charmap_version": CHARMAP_VERSION,
@@ -108,6 +123,33 @@ class ImageHead(nn.Module):
         self.fc, self.bn = fc, nn.Identity()
 
 
+class StripePool(nn.Module):
+    """Average over n horizontal stripes of the feature map -> [B, C * n] (PCB-style part pooling).
+
+    A global average pool keeps *what* is in the picture but not *where*: "red shirt, blue jeans" and "blue
+    shirt, red jeans" pool to nearly the same vector, and the channels must learn colour-and-height jointly
+    before the pool. Stripes keep the height: head, torso, legs, feet land in different features. Exported as
+    one AveragePool (the map size is fixed), an op every NPU has."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.n = int(n)
+
+    def forward(self, fmap):
+        return F.adaptive_avg_pool2d(fmap, (self.n, 1)).flatten(1)
+
+
+def resolve_stripes(stripes, map_h):
+    """'auto' -> the map height if <= 8, else its largest divisor <= 8; an explicit n must divide the height."""
+    if stripes == "auto":
+        return max(d for d in range(1, min(8, map_h) + 1) if map_h % d == 0)
+    n = int(stripes)
+    if n and map_h % n:
+        raise ValueError(f"stripes {n} does not divide the last feature map's height {map_h} (image height / "
+                         f"backbone stride); use a divisor of {map_h}, 0 or 'auto'")
+    return n
+
+
 class PersonSearchModel(nn.Module):
     def __init__(self, cfg, backbone_weights=None):
         super().__init__()
@@ -127,7 +169,19 @@ class PersonSearchModel(nn.Module):
             if backbone_weights:  # ImageNet init at the start of training; not part of the cfg
                 kw["weights_path"] = backbone_weights
             self.backbone = create_backbone(cfg["backbone"], **kw)
-            self.image_head = ImageHead(self.backbone.num_features, self.feature_dim)
+            self.pool = None
+            n = cfg.get("stripes", 0)  # checkpoints from before stripe pooling: the global pool
+            if n:
+                with torch.no_grad():  # the last map's height for this image size (eval: BN stats untouched)
+                    was = self.backbone.training
+                    self.backbone.eval()
+                    map_h = self.backbone.features(torch.zeros(1, 3, *cfg["image_size"])).shape[2]
+                    self.backbone.train(was)
+                n = resolve_stripes(n, map_h)
+            self.n_stripes = n
+            if n:
+                self.pool = StripePool(n)
+            self.image_head = ImageHead(self.backbone.num_features * max(1, n), self.feature_dim)
         self.text_encoder = create_text_encoder(cfg["text_backbone"], out_dim=self.feature_dim,
                                                 max_seq_length=cfg["max_seq_length"],
                                                 vocab_size=cfg["vocab_size"], embed_dim=cfg["embed_dim"])
@@ -135,7 +189,8 @@ class PersonSearchModel(nn.Module):
     def encode_image(self, images):
         if self.text_only:
             raise RuntimeError("text_only model has no image tower")
-        return l2norm(self.image_head(self.backbone(images)))
+        feats = self.backbone(images) if self.pool is None else self.pool(self.backbone.features(images))
+        return l2norm(self.image_head(feats))
 
     def encode_text(self, ids, mask):
         return l2norm(self.text_encoder(ids, mask))

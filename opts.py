@@ -29,6 +29,9 @@ def get_args_parser(add_help=False):
     g.add_argument("--image_root", default=None, help="folder the JSON's image paths are relative to (default: the JSON's folder)")
     g.add_argument("--embedding_path", default="embeddings", help="teacher cache written by tools/extract_label.py")
     g.add_argument("--test_ratio", type=float, default=0.1, help="identities held out for test when the JSON has no split")
+    g.add_argument("--val_ratio", type=float, default=0.05,
+                   help="training identities held out as a validation split (when the JSON has no split): the "
+                        "periodic evaluation, the learning curve and best.pt use them, never the test identities")
     g.add_argument("--langs", default="en,zh", help="caption languages used for training (those present in the JSON)")
     g.add_argument("--compose_prob", type=float, default=0.3,
                    help="probability of replacing a training caption by one composed from the record's attributes "
@@ -36,7 +39,12 @@ def get_args_parser(add_help=False):
     g.add_argument("--instances_per_id", type=int, default=4,
                    help="P x K batches: runs of up to K images of one identity (1 = uniform sampling); 4 against "
                         "1 took held-out R@1 from 9.9 to 15.5 after 400 steps (synthetic 1000 ids, res_tiny)")
-    g.add_argument("--compose_zh_prob", type=float, default=0.5, help="share of composed captions written in Chinese")
+    g.add_argument("--compose_zh_prob", type=float, default=0.5,
+                   help="share of composed and augmented captions written in Chinese")
+    g.add_argument("--augment_prob", type=float, default=0.3,
+                   help="probability of replacing a training caption by a query-like text of the record's "
+                        "attributes (captions.augment_caption: keyword lists, fragments, 'top: red shirt' forms, "
+                        "any field order, synonyms, case), so queries typed unlike the dataset captions still match")
     g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="DataLoader workers per process (default: 4, or the CPU count when lower)")
 
@@ -44,6 +52,9 @@ def get_args_parser(add_help=False):
     g.add_argument("--backbone", default="res_tiny",
                    help="image encoder: a name from backbone.list_backbones() or backbone.<module>.<Class> (res_tiny: "
                         "learns fastest from scratch of the small ones, see README 'Student models')")
+    g.add_argument("--stripes", default="auto",
+                   help="image pooling: average over N horizontal stripes of the last feature map (head, torso, "
+                        "legs, feet keep their place; 'auto' = one per map row, at most 8) or 0 for the global pool")
     g.add_argument("--backbone_weights", default=None, help="local ImageNet state_dict for the tv_* backbones")
     g.add_argument("--text_backbone", default="char_small", help="text encoder size: char_tiny, char_small, char_base")
     g.add_argument("--feature_dim", type=int, default=512, help="student embedding size (forced to the teacher's with --text_only)")
@@ -68,7 +79,10 @@ def get_args_parser(add_help=False):
     g.add_argument("--warmup", type=int, default=-1,
                    help="linear warm-up steps; -1 = min(500, iters // 10)")
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], default="auto",
-                   help="autocast dtype; auto = bf16 on CUDA, none on CPU")
+                   help="autocast dtype; auto = bf16 on CUDA; on a CPU with native bf16 (AMX/AVX512-BF16) bf16 for "
+                        "the text tower only (bf16 convolutions were slower than float32 there), else none")
+    g.add_argument("--channels_last", choices=["auto", "0", "1"], default="auto",
+                   help="channels-last memory format for the image tower (auto = on: faster convolutions)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--max_bad_steps", type=int, default=20,
                    help="stop after this many consecutive non-finite losses (each one is skipped and counted)")
