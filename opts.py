@@ -33,7 +33,7 @@ def get_args_parser(add_help=False):
                    help="training identities held out as a validation split (when the JSON has no split): the "
                         "periodic evaluation, the learning curve and best.pt use them, never the test identities")
     g.add_argument("--langs", default="en,zh", help="caption languages used for training (those present in the JSON)")
-    g.add_argument("--compose_prob", type=float, default=0.3,
+    g.add_argument("--compose_prob", type=float, default=0.2,
                    help="probability of replacing a training caption by one composed from the record's attributes "
                         "in random order and wording (fixes recall for queries worded unlike the dataset captions)")
     g.add_argument("--instances_per_id", type=int, default=4,
@@ -41,7 +41,7 @@ def get_args_parser(add_help=False):
                         "1 took held-out R@1 from 9.9 to 15.5 after 400 steps (synthetic 1000 ids, res_tiny)")
     g.add_argument("--compose_zh_prob", type=float, default=0.5,
                    help="share of composed and augmented captions written in Chinese")
-    g.add_argument("--augment_prob", type=float, default=0.3,
+    g.add_argument("--augment_prob", type=float, default=0.25,
                    help="probability of replacing a training caption by a query-like text of the record's "
                         "attributes (captions.augment_caption: keyword lists, fragments, 'top: red shirt' forms, "
                         "any field order, synonyms, case), so queries typed unlike the dataset captions still match")

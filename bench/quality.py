@@ -1,7 +1,7 @@
 """Quality of the distilled student against its teacher, on held-out identities, in ONE command (README "Results").
 
-    python bench/quality.py                       # full: 1000 ids, 2000 iterations (what the README reports)
-    python bench/quality.py --quick               # ~10 min on 2 CPU cores: 1000 ids, 400 iterations
+    python bench/quality.py                       # full: 1000 ids, 5000 iterations (what the README reports)
+    python bench/quality.py --quick               # ~10 min on 2 CPU cores: 1000 ids, 800 iterations
     python bench/quality.py --smoke --out /tmp/q  # ~half a minute: tiny everything (tests/test_quality_bench.py)
     python bench/quality.py --ablation            # --quick size, one loss term off at a time -> ablation table
     python bench/quality.py --quick -- --compose_prob 0.5 --lr 3e-3    # extra main.py flags after --
@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 RECIPE = {
     "backbone": "res_tiny", "text_backbone": "char_tiny", "image_size": "128x64", "feature_dim": 256,
     "max_seq_length": 128, "batch_size": 64, "instances_per_id": 4, "lr": 2e-3, "warmup": 50,
-    "workers": 2, "log_every": 50, "eval_every": 250, "save_every": 250,  # bookkeeping, not quality
+    "workers": 2, "log_every": 100, "eval_every": 500, "save_every": 500,  # bookkeeping, not quality
 }
 BOOKKEEPING = ("workers", "log_every", "eval_every", "save_every")  # left out of the run's hash: reuse stays valid
 TEXT_ONLY = {"text_only": True, "d_pos_weight": 0}  # added to RECIPE for the text-only student
@@ -58,8 +58,8 @@ TEXT_ONLY = {"text_only": True, "d_pos_weight": 0}  # added to RECIPE for the te
 SMOKE_RECIPE = {"image_size": "64x32", "feature_dim": 32, "batch_size": 8, "warmup": 2, "workers": 0,
                 "log_every": 5, "vocab_size": 1024, "embed_dim": 64}
 SIZES = {  # ids, images per id, generated image height x width, training iterations
-    "full": dict(ids=1000, images_per_id=4, height=256, width=128, iters=2000),
-    "quick": dict(ids=1000, images_per_id=4, height=256, width=128, iters=400),  # same data and cache as full
+    "full": dict(ids=1000, images_per_id=4, height=256, width=128, iters=5000),
+    "quick": dict(ids=1000, images_per_id=4, height=256, width=128, iters=800),  # same data and cache as full
     "smoke": dict(ids=24, images_per_id=2, height=128, width=64, iters=6),
 }
 # --ablation: each entry switches one loss term (group) off; the baseline is RECIPE itself
@@ -69,6 +69,11 @@ ABLATIONS = {
     "fd": {"fd_weight": 0},
     "id (img, cap, img_cap)": {"id_img_weight": 0, "id_cap_weight": 0, "id_img_cap_weight": 0},
     "d_pos+s_neg": {"d_pos_weight": 0, "s_neg_weight": 0},
+    "attr (attribute-word loss)": {"attr_weight": 0},
+    # this recipe's additions, each undone alone
+    "stripe pooling (--stripes 0)": {"stripes": 0},
+    "query-style captions (--augment_prob 0)": {"augment_prob": 0},
+    "text bf16 + channels-last (--amp none --channels_last 0)": {"amp": "none", "channels_last": "0"},
     # the recipe's other choices, each undone alone
     "fd centring (--fd_center 0)": {"fd_center": 0},
     "P x K batches (--instances_per_id 1)": {"instances_per_id": 1},
@@ -88,13 +93,13 @@ QUERY_FORMS = ("keywords", "fragment", "fields", "reordered", "search", "keyword
 def get_args_parser(add_help=False):
     p = argparse.ArgumentParser("student vs teacher quality on held-out identities", add_help=add_help)
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="1000 ids, 400 iterations (~10 min on 2 CPU cores)")
+    mode.add_argument("--quick", action="store_true", help="1000 ids, 800 iterations (~10 min on 2 CPU cores)")
     mode.add_argument("--smoke", action="store_true", help="tiny sizes, seconds; checks the script runs end to end")
     p.add_argument("--ablation", action="store_true",
                    help="at the --quick size (or --smoke): the student with one loss term off at a time")
     p.add_argument("--out", default=str(ROOT / "logs" / "quality"), help="folder for data, cache, runs, quality.json")
     p.add_argument("--ids", type=int, default=None, help="identities to generate (default: by mode, 1000)")
-    p.add_argument("--iters", type=int, default=None, help="training iterations (default: by mode, full 2000)")
+    p.add_argument("--iters", type=int, default=None, help="training iterations (default: by mode, full 5000)")
     p.add_argument("--seed", type=int, default=0, help="generator seed and training seed")
     p.add_argument("--device", default="cpu", help="training and evaluation device (main.py --device)")
     p.add_argument("--teacher", choices=TEACHERS, default=None,
