@@ -496,7 +496,8 @@ def main(args):
         log.info(f"Saving checkpoint to {path}")
         save_checkpoint(path, obj)
         link_or_copy_atomic(path, run_dir / "last.pt")
-        if tag_best:
+        if tag_best or (state["step"] >= args.iters and not (run_dir / "best.pt").exists()):
+            # no validation identities (or none evaluated yet): best.pt is the final model
             link_or_copy_atomic(path, run_dir / "best.pt")
         prune_checkpoints(run_dir, args.keep_checkpoints)
 
