@@ -178,7 +178,6 @@ def write_plots(args, ckpt, cfg, records, idx, emb, data_json):
     from pathlib import Path
     import plots
     out = Path(args.plots)
-    out.mkdir(parents=True, exist_ok=True)
     curves = {"student": plots.det_curve(emb["img_emb"], emb["cap_emb"], emb["cap_img_index"], emb["img_pids"],
                                          emb["cap_pids"])}
     emb_path = args.embedding_path or ckpt.get("args", {}).get("embedding_path")
@@ -186,29 +185,44 @@ def write_plots(args, ckpt, cfg, records, idx, emb, data_json):
         from embedding_cache import EmbeddingCache
         cache = EmbeddingCache.open(emb_path, data_json)
         if cache.done("image")[idx].all() and cache.done("caption")[emb["cap_rows"]].all():
-            t_img = np.asarray(cache.array("image")[idx], np.float32)
-            t_cap = np.asarray(cache.array("caption")[emb["cap_rows"]], np.float32)
-            curves = {"teacher": plots.det_curve(t_img, t_cap, emb["cap_img_index"], emb["img_pids"],
-                                                 emb["cap_pids"]), **curves}
+            curves = {"teacher": teacher_det_curve(cache, emb), **curves}
     except (ValueError, OSError, TypeError) as e:
         print(f"(det.png without the teacher: {str(e).splitlines()[0] if str(e) else type(e).__name__})")
+    rows = None if cfg.get("text_only") else retrieval_rows(emb, records, args.plot_queries)
+    return save_plots(out, curves, rows, Path(args.checkpoint).resolve().parent, int(ckpt.get("step", 0)))
+
+
+def teacher_det_curve(cache, emb):
+    """(far, frr) of the teacher's cache rows on exactly the student's evaluation pairs."""
+    import plots
+    t_img = np.asarray(cache.array("image")[emb["img_records"]], np.float32)
+    t_cap = np.asarray(cache.array("caption")[emb["cap_rows"]], np.float32)
+    return plots.det_curve(t_img, t_cap, emb["cap_img_index"], emb["img_pids"], emb["cap_pids"])
+
+
+def save_plots(out, curves, rows, run_dir, step):
+    """det.png from curves {label: (far, frr)}, retrieval.png from rows (None: skipped), learning_curve.png from
+    run_dir/train.log; each also into run_dir's TensorBoard as an image. -> {name: path}"""
+    from pathlib import Path
+    import plots
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     files = {"det": plots.plot_det(curves, out / "det.png")}
-    if not cfg.get("text_only"):
-        files["retrieval"] = plots.plot_retrieval_sheet(retrieval_rows(emb, records, args.plot_queries),
-                                                        out / "retrieval.png")
-    run_dir = Path(args.checkpoint).resolve().parent
-    log = run_dir / "train.log"
+    if rows:
+        files["retrieval"] = plots.plot_retrieval_sheet(rows, out / "retrieval.png")
+    log = Path(run_dir) / "train.log"
     points = plots.read_eval_log(log) if log.exists() else {}
     files["learning_curve"] = plots.plot_learning_curve(points, out / "learning_curve.png")
     try:
         from torch.utils.tensorboard import SummaryWriter
         w = SummaryWriter(str(run_dir))
         for name, f in files.items():
-            w.add_image(f"plots/{name}", plots.png_to_array(f), int(ckpt.get("step", 0)), dataformats="HWC")
+            w.add_image(f"plots/{name}", plots.png_to_array(f), step, dataformats="HWC")
         w.close()
     except (OSError, ImportError) as e:
         print(f"(plots not added to TensorBoard: {e})")
     print("wrote " + ", ".join(files.values()))
+    return files
 
 
 if __name__ == "__main__":

@@ -381,24 +381,15 @@ def pick_best(last):
 
 def write_plots(out, records, test_idx, cache, s_emb, ckpt):
     """det.png (teacher and student on the same held-out pairs), retrieval.png (the student), learning_curve.png
-    (the student's validation R@1/EER from its train.log) -> {name: path}."""
-    import numpy as np
+    (the student's validation R@1/EER from its train.log), also into the run's TensorBoard -> {name: path}."""
+    import torch
     import plots
-    from evaluation_model import retrieval_rows
-    out.mkdir(parents=True, exist_ok=True)
-    idx = s_emb["img_records"]
-    t_img = np.asarray(cache.array("image")[idx], np.float32)
-    t_cap = np.asarray(cache.array("caption")[s_emb["cap_rows"]], np.float32)
-    args = (s_emb["cap_img_index"], s_emb["img_pids"], s_emb["cap_pids"])
-    curves = {"teacher (attributes)": plots.det_curve(t_img, t_cap, *args),
-              "student": plots.det_curve(s_emb["img_emb"], s_emb["cap_emb"], *args)}
-    files = {"det": plots.plot_det(curves, out / "det.png"),
-             "retrieval": plots.plot_retrieval_sheet(retrieval_rows(s_emb, records), out / "retrieval.png")}
-    log = Path(ckpt).parent / "train.log"
-    files["learning_curve"] = plots.plot_learning_curve(plots.read_eval_log(log) if log.exists() else {},
-                                                        out / "learning_curve.png")
-    print("plots: " + ", ".join(files.values()))
-    return files
+    from evaluation_model import retrieval_rows, save_plots, teacher_det_curve
+    curves = {"teacher (attributes)": teacher_det_curve(cache, s_emb),
+              "student": plots.det_curve(s_emb["img_emb"], s_emb["cap_emb"], s_emb["cap_img_index"],
+                                         s_emb["img_pids"], s_emb["cap_pids"])}
+    return save_plots(out, curves, retrieval_rows(s_emb, records), Path(ckpt).parent,
+                      int(torch.load(ckpt, map_location="cpu", weights_only=True)["step"]))
 
 
 def eval_student(path, records, test_idx, sets, device):

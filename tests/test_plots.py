@@ -94,3 +94,19 @@ def test_evaluation_model_plots(tmp_path, trained_ckpt):
     assert w > 300 and h > 200
     events = list(Path(trained_ckpt).parent.glob("events.out.tfevents.*"))
     assert events and max(e.stat().st_size for e in events) > 10_000  # the images went into TensorBoard
+
+
+def test_attribute_probe_scores_words_on_validation_ids(trained_ckpt, tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    import attribute_probe
+    out = tmp_path / "probe.json"
+    args = attribute_probe.get_args_parser(add_help=True).parse_args(
+        [str(trained_ckpt), "--min_positives", "1", "--steps", "50", "--json", str(out)])
+    res = attribute_probe.main(args)
+    assert res and all(v is None or 0.0 <= v <= 1.0 for v in res.values())
+    assert any(k.startswith("gender:") for k in res)
+    import json
+    assert json.loads(out.read_text())["auc"] == res
+    assert attribute_probe.roc_auc(np.array([0.1, 0.2, 0.3, 0.4]), np.array([0, 0, 1, 1])) == 1.0
+    assert attribute_probe.roc_auc(np.array([0.5, 0.5, 0.5, 0.5]), np.array([0, 1, 0, 1])) == 0.5  # ties
+    assert attribute_probe.roc_auc(np.array([0.1, 0.2]), np.array([1, 1])) is None
