@@ -2,6 +2,7 @@
 
     python export_model.py logs/expModel-res_tiny-224x112-512/1/last.pt logs/expModel-res_tiny-224x112-512/1/
     python export_model.py <checkpoint> <output_dir> --fp16 --int8          # also *.fp16.onnx and *.int8.onnx
+    python export_model.py <checkpoint> <output_dir> --static_shapes --batch 1 --text_length 64 --int8  # NPUs
     python export_model.py <checkpoint> <output_dir> --no_simplify --opset 17 --batch_check 4 --atol 1e-4
 
 Writes into <output_dir>:
@@ -35,12 +36,20 @@ What it does, in order:
      model_info.json always holds a complete, verified export) and prints `export to "<path>" OK.` with the
      op-count table (Original vs Simplified Model, Model Size).
 --fp16: onnxruntime's float16 converter, graph I/O kept float32, the final L2-normalisation kept float32 (its
-sum of squares can overflow fp16); --int8: onnxruntime.quantization.quantize_dynamic (int8 weights, per
-channel; activations quantised at run time). Each variant is verified against PyTorch with a looser cosine
-bound (--fp16_min_cos, --int8_min_cos); a variant that misses it is not written and the exit code is 1.
-Dynamic int8 suits the text Transformer (cos ~0.9999); on the image CNN it is often far off (per-tensor activation
-ranges vs BN-folded / depthwise convs; cos 0.3-0.9 on BN-calibrated random nets), and is then refused: for an
-int8 NPU image model, quantise model_image.onnx with the NPU toolchain's own calibration instead.
+sum of squares can overflow fp16), plus input_embeddings.fp16.npy.
+--int8: calibrated static quantisation of both graphs (to_int8: onnxruntime quantize_static, QDQ, per-channel
+symmetric int8 weights, int8 activations with ranges from --calib_size training-split images (search/'s
+preprocessing) and captions (charmap + table; half cut to short prefixes)), plus input_embeddings.int8.npz
+(search/charmap.py defines the table formats). Needs the training data (the checkpoint's --data, or --data).
+Each variant is verified against PyTorch on the check inputs (--fp16_min_cos, --int8_min_cos) and, when the data
+is there, against the fp32 graphs on held-out ids through the search path: min cos on images and captions, and
+text->image R@1 within --max_r1_drop points (heldout_parity). It prints a fp32 / fp16 / int8 table (sizes, ORT
+latency at batch 1, parity, R@1); a variant that misses a bound is not written and the exit code is 1.
+--static_shapes [--batch B] [--text_length L]: fixed-shape graphs ([B,3,H,W], [B,L,E] / [B,L]); after onnxsim,
+static_cleanup turns Constant nodes into initializers and Unsqueeze into Reshape and fails if any
+Shape/Gather/Slice/Concat plumbing is left. model_info.json records "static_shapes" and "input_shapes".
+Op report: every written graph's op counts and the ops outside NPU_OPS (a conservative NPU op list) are printed
+and stored in model_info.json ("ops", "outside_npu_list"); tools/op_lists.py turns them into the README's lists.
 """
 import argparse
 import contextlib
