@@ -785,6 +785,9 @@ def load_split_data(data_json, image_root, test_ratio, size, calib_size, image_s
 
     ci, _, _, sk1 = images(train, calib_size)
     ti, tp, kept, sk2 = images(test, size)
+    if not len(ci) or not len(ti):
+        raise ExportFailure(f"--data {data_json}: no decodable {'training' if not len(ci) else 'held-out'} images "
+                            f"({sk1 + sk2} skipped)", 2)
     rows = data_lib.caption_rows(records)
     tr = set(train)
     ctexts = [t for r, _, t, _ in rows if r in tr]

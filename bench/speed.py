@@ -309,10 +309,11 @@ def prepare_student(args, tmp, backbone=None, text_backbone=None, name="student"
     return load_export(out), model.eval(), desc
 
 
-def make_int8(info):
+def make_int8(info, out_dir):
     """int8 copies of an export's graphs and table for timing: export_model.to_int8 (the --int8 quantiser: QDQ,
     per-channel weights, static activation ranges) calibrated on synthetic person images and the bench's captions
     and queries; export_model.py --int8 gates real models on held-out parity, random weights have none to keep.
+    Written into out_dir (never into a --checkpoint export folder, whose own int8 files passed their parity check).
     -> info dict pointing at the int8 files (search.engine encoders take it as it is)."""
     import numpy as np
     import onnx
@@ -321,7 +322,8 @@ def make_int8(info):
     from search.engine import preprocess
 
     out = dict(info)
-    d = Path(info["_dir"])
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
     st = info.get("static_shapes")
     bs, L = (st["batch"], st["text_length"]) if st else (8, info["max_seq_length"])
     if info.get("_image_model"):
@@ -371,7 +373,7 @@ def prepare_students(args, tmp):
         st["int8"] = None
         if not args.no_int8:
             t0 = time.perf_counter()
-            st["int8"] = make_int8(st["info"])
+            st["int8"] = make_int8(st["info"], os.path.join(tmp, f"int8_{st['name']}"))
             print(f"{st['name']} ({st['info'].get('backbone')} / {st['info'].get('text_backbone')}): int8 graphs "
                   f"calibrated and written in {time.perf_counter() - t0:.1f}s", flush=True)
     return students

@@ -488,3 +488,16 @@ def test_openvino_matches_onnxruntime(recipe_static, recipe_dynamic):
                 assert _cos_min(got, ref) >= 0.9999, f.name
             else:
                 assert np.abs(got - ref).max() < 1e-5 and _cos_min(got, ref) >= 0.99999, f.name
+
+
+def test_text_only_int8(tmp_path, synth_data):
+    """A text-only student: int8 text graph + int8 table written on cosine parity alone (no image tower, no R@1)."""
+    ckpt = _make_ckpt(tmp_path / "to.pt", data=synth_data, text_only=True)
+    out = tmp_path / "out"
+    with torch.no_grad():
+        export_model.export(_args(ckpt, out, "--int8", "--batch_check", "2"))
+    info = json.loads((out / "model_info.json").read_text())
+    v = info["variants"]["int8"]
+    assert v["image_model"] is None and v["parity"]["cos_image"] is None and v["parity"]["r1"] is None
+    assert v["parity"]["cos_text"] >= 0.99 and (out / "model_text.int8.onnx").exists()
+    assert not (out / "model_image.int8.onnx").exists()
