@@ -487,6 +487,9 @@ def static_cleanup(proto):
             r = helper.make_node("Reshape", [n.input[0], sname], list(n.output), name=(n.name or f"reshape_{i}"))
             g.node.insert(list(g.node).index(n), r)
             g.node.remove(n)
+    used = {t for n in g.node for t in n.input} | {o.name for o in g.output}
+    for t in [t for t in g.initializer if t.name not in used]:  # e.g. the replaced Unsqueezes' axes
+        g.initializer.remove(t)
     left = sorted({n.op_type for n in g.node} & PLUMBING_OPS)
     if left:
         raise ExportFailure(f"static-shape graph still has shape plumbing ({', '.join(left)}) after simplification")
