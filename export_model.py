@@ -943,7 +943,8 @@ def export(args):
                                     f"ids: {where}; pass --data DATASET.json", 2)
         else:
             split_data = load_split_data(data_json, args.image_root or train_args.get("image_root"),
-                                         float(train_args.get("test_ratio", 0.1)), args.parity_size, args.calib_size,
+                                         float(train_args.get("test_ratio", 0.1)), args.parity_size,
+                                         args.calib_size if args.int8 else 1,  # fp16 needs no calibration
                                          (H, W), mean, std)
             print(f"calibration / parity data: {split_data['desc']}")
 
