@@ -1056,7 +1056,9 @@ def export(args):
                 else:
                     print(f"[{g['name']}] int8: calibrating on {len(next(iter(g['calib'].values())))} training "
                           f"{'images' if g['name'] == 'image' else 'captions'} ({args.calibrate_method}) ...")
-                    vbytes = to_int8(simp, [f for f, _ in batches(g["calib"], SB or 16, static)],
+                    # equal-sized batches (the last one padded with repeats): the histogram calibrators
+                    # (percentile, entropy) stack them and fail on a ragged last batch
+                    vbytes = to_int8(simp, [f for f, _ in batches(g["calib"], SB or 16, True)],
                                      args.calibrate_method)
                 mx, mc, err = verify(vbytes, g["cases"], lim, None, vfile)
             except Exception as e:
