@@ -58,7 +58,9 @@ def test_encoder_tables(smoke, title):
 def test_text_table_has_l64_and_typical_query(smoke):
     lines = _rows(smoke, "2. Text encoders")
     assert any(re.match(r"SigLIP .* text \(PyTorch fp32\), L=64\s", l) for l in lines)
-    assert any(re.match(r"student char_tiny \(charmap \+ lookup \+ ONNX Runtime\), L=64\s", l) for l in lines)
+    for kind in ("fp32", "int8"):
+        assert any(re.match(rf"student char_tiny \(charmap \+ lookup \+ ONNX Runtime {kind}\), L=64\s", l)
+                   for l in lines)
     assert any(l.startswith("student, typical search query") for l in lines)
 
 
@@ -94,9 +96,22 @@ def test_headline_lines(smoke):
     head = _rows(smoke, "Headline")
     assert any(re.match(rf"image encoder speed-up vs .* @ batch 1: {NUM}x \(target >= 1000x\) (met|NOT met)$", l)
                for l in head)
-    assert any(re.match(rf"text encoder speed-up vs .* @ batch 1: {NUM}x \(target >= 150x\) (met|NOT met)", l)
+    assert any(re.match(rf"text encoder speed-up vs .* @ batch 1: {NUM}x \(target >= 300x\) (met|NOT met)", l)
                for l in head)
     assert any(re.match(rf"text encoder speed-up vs .* typical \d+-character query: {NUM}x", l) for l in head)
+    assert any(re.match(rf"image encoder \(int8\) speed-up vs .* @ batch 1: {NUM}x", l) for l in head)
+    assert any(re.match(rf"text model \+ table, int8: {NUM} MiB \(target <= 8 MiB\) (met|NOT met)", l) for l in head)
+
+
+def test_every_family_in_one_run(smoke):
+    """The recipe, its static-shape export and the other families, fp32 and int8, in the speed-up tables."""
+    for title, names in (("1. Image encoders", ("res_tiny 64x32 (the recipe)", "res_tiny 64x32 (static shapes)",
+                                                "mobile_tiny 64x32")),
+                         ("2. Text encoders", ("char_tiny, L=64 (the recipe)", "char_tiny (static shapes), L=64",
+                                               "char_small, L=64"))):
+        lines = _rows(smoke, title)
+        for n in names:
+            assert any(re.match(rf"{re.escape(n)}\s.*{NUM}x / {NUM}x\s+>= \d+x$", l) for l in lines), (title, n)
 
 
 @pytest.mark.parametrize("argv, needle", [
