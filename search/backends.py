@@ -96,8 +96,13 @@ def connect(uri, token=None):
         from pymilvus import MilvusClient
     except ImportError:
         raise CollectionError("--backend milvus needs pymilvus (pip install pymilvus milvus-lite)") from None
-    local = "://" not in uri
-    if local:
+    import logging
+
+    # pymilvus warns on every query iterator against Milvus Lite ("failed to get mvccTs ... use client-side ts"),
+    # and Lite's in-process gRPC server logs the unimplemented call behind it: noise, not errors
+    logging.getLogger("pymilvus").setLevel(logging.ERROR)
+    if "://" not in uri:
+        logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
         d = os.path.dirname(os.path.abspath(uri))
         if not os.path.isdir(d):
             raise CollectionError(f"--uri {uri}: folder {d} does not exist")
@@ -105,6 +110,17 @@ def connect(uri, token=None):
         return MilvusClient(uri=uri, token=token or "")
     except Exception as e:  # noqa: BLE001 - pymilvus raises its own types for unreachable servers / locked files
         raise CollectionError(f"--uri {uri}: cannot connect to Milvus ({_first_line(e)})") from None
+
+
+def release(uri):
+    """Stop this process's embedded Milvus Lite server of a .db file, so another process may open the file (Lite
+    keeps one server per file for the life of the process, holding an exclusive lock on it)."""
+    if uri and "://" not in uri:
+        try:
+            from milvus_lite.server_manager import server_manager_instance
+        except ImportError:
+            return
+        server_manager_instance.release_server(uri)
 
 
 def _first_line(e):
@@ -203,6 +219,9 @@ class MilvusEnrolment:
 
     def finish(self):
         return self.total
+
+    def close(self):
+        self.client.close()
 
     def prune(self, present):
         """Delete entries whose image is not in `present` (a set of relative paths). -> number removed."""

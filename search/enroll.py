@@ -242,6 +242,13 @@ def run_enrolment(args, encoder, log=None):
 
 def _run_locked(args, encoder, log, image_dir, boxes, tasks, stats):
     enr = open_enrolment(args, encoder.model_record, log=log)
+    try:
+        return _enrol(args, encoder, log, image_dir, boxes, tasks, stats, enr)
+    finally:
+        getattr(enr, "close", lambda: None)()
+
+
+def _enrol(args, encoder, log, image_dir, boxes, tasks, stats, enr):
     existing = enr.total
     todo, seen = [], set()
     for rel, tpls in tasks:
