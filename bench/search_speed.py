@@ -34,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 OPTIONS = ("flat", "ivf", "ivf_fp16", "ivf_sq8", "hnsw", "auto")
+SLOW = ("ivf", "hnsw")  # built only up to --slow_max_n: float32 lists (2x the RAM) / HNSW (40 min at 1M)
 QUERIES = ["a woman in a red coat with a black handbag", "man with a blue shirt and black trousers",
            "穿红色外套的女人", "girl in a white dress carrying an umbrella",
            "old man, grey jacket, walking stick", "person with a yellow backpack and green shoes"]
@@ -44,15 +45,19 @@ def get_args_parser(add_help=True):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="100000,1000000", help="comma list of gallery sizes")
     p.add_argument("--options", default="flat,ivf,ivf_fp16,ivf_sq8,hnsw,auto",
-                   help=f"comma list of: {','.join(OPTIONS)}")
-    p.add_argument("--hnsw_max_n", type=int, default=100_000,
-                   help="build HNSW only up to this size (its build at 1M takes ~40 min on 2 cores)")
+                   help=f"comma list of: {','.join(OPTIONS)}; auto is skipped where it equals ivf_sq8 already run "
+                        "(same kind and nlist), and ivf_sq8 where auto will run it")
+    p.add_argument("--slow_max_n", type=int, default=100_000,
+                   help=f"build {' and '.join(SLOW)} only up to this size (float32 lists hold the gallery twice; "
+                        "HNSW takes ~40 min at 1M on 2 cores)")
     p.add_argument("--recall_target", type=float, default=0.95, help="what --index auto tunes nprobe for")
     p.add_argument("--queries", type=int, default=200, help="single-query searches timed per option")
+    p.add_argument("--flat_queries", type=int, default=20, help="exact flat searches timed (100 ms each at 1M)")
     p.add_argument("--threads", type=int, default=2, help="faiss threads for build and search")
     p.add_argument("--base_ids", type=int, default=400)
     p.add_argument("--base_views", type=int, default=5)
     p.add_argument("--model_dir", default=None, help="an export_model.py folder (default: a random student)")
+    p.add_argument("--student_info", default=None, help=argparse.SUPPRESS)  # bench/speed.py passes its export
     p.add_argument("--workdir", default=None, help="where the gallery .npy goes (default: a temp dir, removed)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes; numbers mean nothing (tests)")
     p.add_argument("--seed", type=int, default=0)
@@ -134,3 +139,190 @@ def tile_gallery(base, n, n_queries, path, seed, views=8, chunk=50_000):
     del x
     q = rows(rng.integers(0, n_syn, n_queries))
     return np.load(path, mmap_mode="r"), q
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+def peak_rss():
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def fmt_ms(s):
+    ms = s * 1e3
+    return f"{ms:,.0f}" if ms >= 100 else f"{ms:.2f}" if ms >= 1 else f"{ms:.3f}"
+
+
+def fmt_n(n):
+    return f"{n / 1e6:g}M" if n >= 1e6 else f"{n / 1e3:g}k" if n >= 1e3 else str(n)
+
+
+def print_table(headers, rows):
+    rows = [[str(c) for c in r] for r in rows]
+    w = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = lambda cells: "  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(cells))  # noqa
+    print(line(headers))
+    print("  ".join("-" * x for x in w))
+    for r in rows:
+        print(line(r))
+
+
+def time_queries(sidx, q, k=10):
+    """-> (per-query seconds, rows [n, k]) of single-query searches."""
+    import numpy as np
+
+    per, got = [], []
+    for i in range(len(q)):
+        t = time.perf_counter()
+        _, r = sidx.search(q[i:i + 1], k)
+        per.append(time.perf_counter() - t)
+        got.append(np.pad(r[0], (0, k - len(r[0])), constant_values=-1))
+    return per, np.stack(got)
+
+
+def params_text(kind, p):
+    t = p.get("tuning") or {}
+    bits = [f"nlist={p['nlist']}" if "nlist" in p else "", f"M={p['M']}" if "M" in p else "",
+            f"nprobe={p['nprobe']}" if "nprobe" in p and kind != "hnsw" else "",
+            f"efSearch={p['ef_search']}" if kind == "hnsw" else "",
+            f"refine x{p['refine']}" if p.get("refine") else "",
+            f"(tuned: {t['recall_at_10']:.3f} on {t['queries']} gallery rows)" if t else ""]
+    return " ".join(b for b in bits if b)
+
+
+def bench_size(args, base, n, options, tmp, text_s):
+    import gc
+
+    import numpy as np
+
+    from search import index as sindex
+
+    t0 = time.perf_counter()
+    x, q = tile_gallery(base, n, args.queries, os.path.join(tmp, f"gallery_{n}.npy"), args.seed)
+    t_tile = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _, truth = sindex.exact_neighbours(x, q, 10)
+    t_exact = time.perf_counter() - t0
+    d = x.shape[1]
+    print(f"\n{fmt_n(n)} rows x {d}: tiled in {t_tile:.0f} s ({x.nbytes / 2**20:,.0f} MiB float32, memory-mapped); "
+          f"exact answers of the {len(q)} queries in {t_exact:.1f} s", flush=True)
+    rows, cache = [], {}
+    ap = sindex.auto_params(n, d, args.recall_target)
+    todo = [o for o in options if not (o in SLOW and n > args.slow_max_n)]
+    if "auto" in todo and ap["kind"] in todo and ap["kind"] != "flat":
+        todo.remove(ap["kind"])  # the auto row is that index, built with auto's parameters
+    if "auto" in todo and ap["kind"] == "flat" and "flat" in todo:
+        todo.remove("auto")
+    t_gt = None
+    for opt in todo:
+        gc.collect()
+        kind = ap["kind"] if opt == "auto" else opt
+        label = f"auto -> {kind}" if opt == "auto" else kind
+        if kind == "flat":
+            sidx = sindex.build_index(x, "flat")
+            sindex.set_search_threads(args.threads)
+            per, got = time_queries(sidx, q[:args.flat_queries])
+            rows.append([f"{fmt_n(n)}", label, "exact, over the memory-mapped features", "0", "0", "0", "0",
+                         fmt_ms(statistics.median(per)), fmt_ms(sorted(per)[int(0.9 * (len(per) - 1))]),
+                         fmt_ms(text_s + statistics.median(per)), f"{sindex.recall_at(got, truth[:len(got)]):.3f}"])
+            continue
+        import faiss
+
+        faiss.omp_set_num_threads(args.threads)
+        t0 = time.perf_counter()
+        sidx = sindex.build_index(x, kind, nlist=ap.get("nlist") if opt == "auto" else None)
+        tb = time.perf_counter() - t0
+        if t_gt is None:  # the exact answers of the tuning queries: paid once per gallery here, by every real build
+            t0 = time.perf_counter()
+            sindex.tune_search_param(sidx, args.recall_target, cache=cache)
+            t_gt = time.perf_counter() - t0
+            t0 = time.perf_counter()
+        else:
+            t0 = time.perf_counter()
+        sindex.tune_search_param(sidx, args.recall_target, cache=cache)
+        tt = time.perf_counter() - t0
+        ram = sidx.nbytes()
+        sindex.set_search_threads(args.threads)
+        per, got = time_queries(sidx, q)
+        med = statistics.median(per)
+        rec = sindex.recall_at(got, truth)
+        rows.append([f"{fmt_n(n)}", label, params_text(kind, sidx.params), f"{tb:.0f}", f"{tt:.0f}",
+                     f"{ram / 2**20:,.0f}", f"{ram / x.nbytes:.3f}", fmt_ms(med), fmt_ms(sorted(per)[int(0.9 * (len(per) - 1))]),
+                     fmt_ms(text_s + med), f"{rec:.3f}"])
+        print(f"  {label}: build {tb:.0f} s + tune {tt:.0f} s, {ram / 2**20:,.0f} MiB, p50 {fmt_ms(med)} ms, "
+              f"recall@10 {rec:.3f}", flush=True)
+        del sidx
+    del x
+    os.remove(os.path.join(tmp, f"gallery_{n}.npy"))
+    return rows, t_gt
+
+
+def main(args):
+    import numpy as np
+
+    from search.engine import TextEncoder, load_export
+
+    sizes = [int(v) for v in str(args.sizes).split(",") if v]
+    options = [o.strip() for o in args.options.split(",") if o.strip()]
+    bad = [o for o in options if o not in OPTIONS]
+    if bad or not sizes or min(sizes) < 100:
+        raise SystemExit(f"error: --options from {','.join(OPTIONS)} and --sizes >= 100 (got {bad or sizes})")
+    if args.smoke:
+        sizes, args.base_ids, args.base_views, args.queries = [2000, 6000], 12, 3, 30
+        args.flat_queries, args.slow_max_n = 10, 6000
+    t_all = time.perf_counter()
+    print(f"search benchmark: sizes {','.join(fmt_n(n) for n in sizes)}, faiss threads {args.threads}, "
+          f"recall target {args.recall_target}, load average {'/'.join(f'{v:.2f}' for v in os.getloadavg())}",
+          flush=True)
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        if args.student_info is not None:
+            info, desc = args.student_info, "the bench/speed.py student"
+        elif args.model_dir:
+            info, desc = load_export(args.model_dir), f"export {args.model_dir}"
+        else:
+            t0 = time.perf_counter()
+            info = load_export(random_student_export(tmp, args.seed, args.smoke))
+            desc = f"a randomly initialised student exported in {time.perf_counter() - t0:.0f} s"
+        base, t_emb = base_embeddings(info, args.base_ids, args.base_views, args.seed)
+        b = base.reshape(-1, base.shape[-1])
+        same = float(np.einsum("ivd,iwd->", base, base) - args.base_ids * args.base_views) / max(
+            1, args.base_ids * args.base_views * (args.base_views - 1))
+        print(f"gallery: {desc}; {b.shape[0]} synthetic images ({args.base_ids} people x {args.base_views} views) "
+              f"embedded in {t_emb:.0f} s; mean cosine between images {float((b @ b.T).mean()):.3f}, between views "
+              f"of one person {same:.3f}")
+        enc = TextEncoder(info, threads=1)
+        for t in QUERIES:
+            enc.encode([t])
+        ts = []
+        for _ in range(5):
+            for t in QUERIES:
+                t0 = time.perf_counter()
+                enc.encode([t])
+                ts.append(time.perf_counter() - t0)
+        text_s = statistics.median(ts)
+        print(f"text encoding (search.engine.TextEncoder, 1 thread, {len(QUERIES)} typical queries en+zh): "
+              f"{fmt_ms(text_s)} ms median, separate from the index search below", flush=True)
+        rows, gts = [], []
+        for n in sizes:
+            r, t_gt = bench_size(args, base, n, options, tmp, text_s)
+            rows += r
+            gts.append((n, t_gt))
+    print()
+    print_table([f"gallery (D={base.shape[-1]})", "index", "parameters", "build s", "tune s", "index MiB", "x fp32",
+                 "search ms", "p90 ms", "query total ms", "recall@10"], rows)
+    print(f"search ms = p50 of {args.queries} single-query top-10 searches ({args.flat_queries} for flat) on "
+          f"{args.threads} faiss threads; query total = text encoding ({fmt_ms(text_s)} ms) + search; recall@10 "
+          f"against exact search, queries = fresh views of gallery people; build = k-means + add from the "
+          f"memory-mapped features; tune = choosing nprobe/efSearch for recall@10 >= {args.recall_target} on 200 "
+          f"gallery rows; index MiB = what the index holds in RAM (codes + ids + centroids / graph), x fp32 = that over the "
+          f"float32 features (which stay in their memory-mapped file); peak RSS of the run {peak_rss() / 2**30:.1f} GiB")
+    for n, t in gts:
+        if t is not None:
+            print(f"plus, once per build at {fmt_n(n)}: the exact answers of the 200 tuning queries, {t:.0f} s")
+    print(f"total {time.perf_counter() - t_all:.0f} s; load average after "
+          f"{'/'.join(f'{v:.2f}' for v in os.getloadavg())}")
+    return rows
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())

@@ -10,12 +10,14 @@
     --index hnsw      IndexHNSWFlat(M=32, efConstruction 200): fast queries, but its build takes ~40 min at 1M
                       on 2 cores
     --index auto      from N and --recall_target (auto_params): exact flat while one exact query scans at most
-                      32M floats (~5 ms; 65k rows at D=512), else ivf_sq8 with nlist ~ 4 sqrt(N)
+                      32M floats (~5 ms; 65k rows at D=512), else ivf_sq8 with nlist ~ 2 sqrt(N)
 
-IVF: nlist ~ 4 sqrt(N) (at least 40 training rows per list), k-means (10 iterations) on 40 rows per list sampled
-from the features; above 1024 lists the coarse quantizer is an HNSW graph over the centroids, so assigning 1M rows
-(and each query) costs O(log nlist) instead of nlist x D. Rows are added in chunks read from the memory-mapped
-features, so the float32 gallery is never held twice.
+IVF: nlist ~ 2 sqrt(N) (2000 at 1M; at least 40 training rows per list), k-means (10 iterations) on 40 rows per
+list sampled from the features. Why 2 sqrt(N) and not the textbook 4 sqrt(N): k-means costs ~ nlist^2 and the
+assignment of every row ~ nlist; at 1M on 2 busy cores 4000 lists took 126 s of k-means alone and more to add,
+2000 lists build in about 2 min, and the query cost this adds (lists twice as long) is paid back by probing SQ8
+codes (a quarter of the bytes). Rows are added in chunks read from the memory-mapped features, so the float32
+gallery is never held twice.
 The search parameter (IVF nprobe, HNSW efSearch) is not a fixed ratio: at build time it is tuned to the smallest
 value whose recall@10 against exact search reaches --recall_target (default 0.95) on held-out gallery rows used
 as queries (their own row excluded from both answers), and the chosen value, the recall measured and the number
@@ -39,7 +41,6 @@ ANN_TYPES = ("hnsw", "ivf", "ivf_fp16", "ivf_sq8")
 AUTO_FLAT_MAX_FLOATS = 1 << 25  # exact search while one query scans <= 32M floats (128 MB, ~5 ms)
 DEFAULT_RECALL_TARGET = 0.95
 DEFAULT_REFINE = {"ivf_sq8": 4}
-HNSW_QUANTIZER_MIN_LISTS = 1024
 KMEANS_ROWS_PER_LIST = 40
 KMEANS_ITERATIONS = 10
 TUNE_QUERIES = 200
@@ -68,8 +69,9 @@ def auto_params(n_rows, dim, recall_target=DEFAULT_RECALL_TARGET):
 
 
 def default_nlist(n):
-    # ~4*sqrt(N) lists, but at least KMEANS_ROWS_PER_LIST training rows per list (faiss warns below 39) and >= 1
-    return int(max(1, min(int(4 * np.sqrt(max(n, 1))), n // KMEANS_ROWS_PER_LIST)))
+    # ~2*sqrt(N) lists (see the module docstring), at least KMEANS_ROWS_PER_LIST training rows per list (faiss
+    # warns below 39) and >= 1
+    return int(max(1, min(int(2 * np.sqrt(max(n, 1))), n // KMEANS_ROWS_PER_LIST)))
 
 
 def _f32(a):
@@ -98,9 +100,6 @@ class SearchIndex:
             npb = int(nprobe or self.params.get("nprobe") or max(1, nl // 8))
             ivf.nprobe = max(1, min(npb, nl))
             self.params["nprobe"] = ivf.nprobe
-            q = faiss.downcast_index(ivf.quantizer)
-            if isinstance(q, faiss.IndexHNSW):  # the graph must surface at least nprobe lists
-                q.hnsw.efSearch = max(64, 2 * ivf.nprobe)
         if refine is not None:
             self.params["refine"] = int(refine)
 
@@ -124,6 +123,19 @@ class SearchIndex:
             scores = np.stack([s[m][:kk] for s, m in zip(scores, keep)])
             rows = np.stack([r[m][:kk] for r, m in zip(rows, keep)])
         return scores, rows
+
+    def nbytes(self):
+        """RAM the index itself holds (the features it re-ranks from stay in their memory-mapped file)."""
+        import faiss
+
+        if self.index is None:
+            return 0
+        if self.kind == "hnsw":
+            h = faiss.downcast_index(self.index)
+            return int(self.n * self.index.d * 4 + h.hnsw.neighbors.size() * 4 + h.hnsw.offsets.size() * 8)
+        ivf = faiss.extract_index_ivf(self.index)
+        # codes + one 8-byte id per row in the inverted lists, plus the centroids
+        return int(self.n * (ivf.code_size + 8) + ivf.nlist * self.index.d * 4)
 
     def _rerank(self, q, cand, k):
         """Exact scores of the candidates from the float32 features (a few rows read per query)."""
@@ -164,11 +176,7 @@ def build_index(features, kind, hnsw_m=32, ef_construction=200, nlist=None, seed
         km.verbose = False
         km.train(sample, faiss.IndexFlatIP(d))
         cents = faiss.vector_float_to_array(km.centroids).reshape(nl, d)
-        if nl >= HNSW_QUANTIZER_MIN_LISTS:
-            quant = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
-            quant.hnsw.efConstruction = 80
-        else:
-            quant = faiss.IndexFlatIP(d)
+        quant = faiss.IndexFlatIP(d)  # exact coarse search: 2000 x 512 is ~0.1 ms, and BLAS-batched when adding
         quant.add(cents)
         if kind == "ivf":
             idx = faiss.IndexIVFFlat(quant, d, nl, faiss.METRIC_INNER_PRODUCT)
@@ -210,10 +218,11 @@ def recall_at(found, truth, k=10):
                           for f, t in zip(found, truth)]))
 
 
-def tune_search_param(sidx, target=DEFAULT_RECALL_TARGET, n_queries=TUNE_QUERIES, k=10, seed=1):
+def tune_search_param(sidx, target=DEFAULT_RECALL_TARGET, n_queries=TUNE_QUERIES, k=10, seed=1, cache=None):
     """Smallest nprobe (IVF) / efSearch (HNSW) whose recall@k against exact search reaches `target`, measured on
     n_queries held-out gallery rows used as queries, each one's own row removed from both answers. Sets it and
-    records {"param", "value", "recall_at_10", "recall_target", "queries"} in sidx.params["tuning"]."""
+    records {"param", "value", "recall_at_10", "recall_target", "queries"} in sidx.params["tuning"].
+    `cache` (a dict) keeps the exact answers for another index over the same features (bench/search_speed.py)."""
     import faiss
 
     feats = sidx.features
@@ -223,7 +232,13 @@ def tune_search_param(sidx, target=DEFAULT_RECALL_TARGET, n_queries=TUNE_QUERIES
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(n, min(n_queries, n), replace=False))
     q = _f32(feats[rows])
-    _, truth = exact_neighbours(feats, q, k + 1)
+    key = (n, len(rows), k, seed)
+    if cache is not None and key in cache:
+        truth = cache[key]
+    else:
+        _, truth = exact_neighbours(feats, q, k + 1)
+        if cache is not None:
+            cache[key] = truth
 
     def drop_self(r):
         return np.stack([np.concatenate([x[x != own], [-1] * (x == own).sum()])[:k] for x, own in zip(r, rows)])

@@ -25,8 +25,8 @@ def _clustered(n, d=32, n_c=60, seed=0):
 def test_auto_params_follow_n_and_target():
     small, big = auto_params(10_000, 512), auto_params(1_000_000, 512, 0.97)
     assert small["kind"] == "flat"
-    assert big["kind"] == "ivf_sq8" and big["nlist"] == 4000 and big["recall_target"] == 0.97 and big["refine"] == 4
-    assert auto_params(4_000_000, 512)["nlist"] == 8000  # ~4 sqrt(N), not a fixed ratio of N
+    assert big["kind"] == "ivf_sq8" and big["nlist"] == 2000 and big["recall_target"] == 0.97 and big["refine"] == 4
+    assert auto_params(4_000_000, 512)["nlist"] == 4000  # ~2 sqrt(N), not a fixed ratio of N
     assert auto_params(60_000, 1152)["kind"] == "ivf_sq8"  # wider rows leave exact search sooner
 
 
