@@ -96,8 +96,8 @@ def test_flat_searches_the_memmap_without_a_copy(tmp_path):
 def test_sq8_lengthens_its_rerank_list_on_a_tight_cone():
     rng = np.random.default_rng(0)
     m = rng.normal(size=32)
-    x = m + 0.03 * np.linalg.norm(m) / np.sqrt(32) * rng.normal(size=(6000, 32))  # all cosines > 0.99
+    x = m + 0.02 * np.linalg.norm(m) / np.sqrt(32) * rng.normal(size=(6000, 32))  # all cosines > 0.99
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
     idx = build_index(x, "ivf_sq8")
     tune = sindex.tune_search_param(idx, 0.95)
-    assert idx.params["refine"] > 4 and tune["recall_at_10"] >= 0.95  # x4 alone reached ~0.64 here
+    assert idx.params["refine"] > 4 and tune["recall_at_10"] >= 0.95  # x4 alone cannot reach it here
