@@ -2,7 +2,7 @@ r"""Gallery search at scale: recall@10, query latency, build time and RAM per in
 
     python bench/search_speed.py                         # 100k and 1M, the README "Scale / Search" table (~8 min)
     python bench/search_speed.py --sizes 100000          # one size
-    python bench/search_speed.py --smoke                 # seconds: 5k rows (tests/test_search_speed.py)
+    python bench/search_speed.py --smoke                 # ~30 s: 2k and 6k rows (bench/speed.py --smoke runs it)
     python bench/search_speed.py --model_dir EXPORT      # a trained export instead of a random student
     python bench/search_speed.py --options auto,ivf_sq8 --recall_target 0.97
 
@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.speed import print_table  # noqa: E402  (one table printer for both benches)
 
 OPTIONS = ("flat", "ivf", "ivf_fp16", "ivf_sq8", "hnsw", "auto")
 SLOW = ("ivf", "hnsw")  # built only up to --slow_max_n: float32 lists (2x the RAM) / HNSW (40 min at 1M)
@@ -155,16 +157,6 @@ def fmt_ms(s):
 
 def fmt_n(n):
     return f"{n / 1e6:g}M" if n >= 1e6 else f"{n / 1e3:g}k" if n >= 1e3 else str(n)
-
-
-def print_table(headers, rows):
-    rows = [[str(c) for c in r] for r in rows]
-    w = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    line = lambda cells: "  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(cells))  # noqa
-    print(line(headers))
-    print("  ".join("-" * x for x in w))
-    for r in rows:
-        print(line(r))
 
 
 def time_queries(sidx, q, k=10):
