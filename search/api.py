@@ -7,6 +7,9 @@ r"""Text -> person search over an enrolled collection, from the command line (an
     # from the repo root, a machine-readable answer:
     python search/api.py --image-root xm_images --image_feature collection/person_features_features.npy \
         --text-model export/model_text.onnx --queries "穿红色外套的女孩" --top-n 5 --json
+    # a Milvus collection (Milvus Lite file or http://host:19530), one camera folder (search/backends.py)
+    python search/api.py --backend milvus --uri collection/gallery.db --collection frames --model_dir export \
+        --queries "a man in a red coat" --folder cam1
 
 Prints, per query (time = text encoding + index search):
     ----------

@@ -25,6 +25,7 @@ from PIL import Image
 from search.backends import add_backend_args, describe_target, open_enrolment
 from search.collection import CollectionError, prefix_paths
 from search.engine import clip_bbox
+from search.index import INDEX_TYPES
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 PERSON_CATEGORY = 1
@@ -47,7 +48,7 @@ def get_args_parser(add_help=False):
                    help="image decoding threads")
     p.add_argument("--checkpoint_every", type=int, default=20,
                    help="make progress durable every N batches (a killed run resumes from there)")
-    p.add_argument("--index", default="auto", choices=("auto", "flat", "hnsw", "ivf", "ivf_fp16", "ivf_sq8"),
+    p.add_argument("--index", default="auto", choices=INDEX_TYPES,
                    help="faiss index built after enrolment (search/index.py): auto = exact flat (nothing saved) for "
                         "small galleries, else ivf_sq8 tuned to --recall_target")
     p.add_argument("--recall_target", type=float, default=None, help="recall@10 the index is tuned to (0.95)")
