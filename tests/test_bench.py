@@ -66,7 +66,7 @@ def test_search_table(smoke):
     lines = _rows(smoke, "3. Search")  # bench/search_speed.py's table, on the smoke student
     assert any(l.startswith("gallery (D=32)") and "recall@10" in l and "build s" in l and "index MiB" in l
                for l in lines)
-    table = [l for l in lines if re.match(r"(2k|6k)\s", l)]
+    table = [l for l in lines if re.match(r"(2k|6k)\s+(flat|ivf|ivf_fp16|ivf_sq8|hnsw|auto)\s", l)]
     kinds = {(l.split()[0], l.split()[1]) for l in table}
     for g in ("2k", "6k"):
         for k in ("flat", "ivf", "ivf_fp16", "ivf_sq8", "hnsw"):
