@@ -184,8 +184,11 @@ def main(args):
                      expr=args.filter)
     except (CollectionError, ExportError) as e:
         fail(e)
-    s.search("warm-up", 1)  # first ORT run allocates; keep it out of the reported times
-    results = [s.search(q, args.top_n) for q in args.queries]
+    try:  # a bad --filter expression is only found out by the engine, at the first search
+        s.search("warm-up", 1)  # first ORT run allocates; keep it out of the reported times
+        results = [s.search(q, args.top_n) for q in args.queries]
+    except CollectionError as e:
+        fail(e)
     if args.json:
         doc = {"collection": {"features": args.image_feature, "rows": len(s), "dim": s.collection.dim,
                               "model": s.collection.model, "index": s.index.kind, "backend": s.store.backend},

@@ -99,9 +99,10 @@ def connect(uri, token=None):
     import logging
 
     # pymilvus warns on every query iterator against Milvus Lite ("failed to get mvccTs ... use client-side ts"),
-    # and Lite's in-process gRPC server logs the unimplemented call behind it: noise, not errors
-    logging.getLogger("pymilvus").setLevel(logging.ERROR)
-    if "://" not in uri:
+    # and logs every failed call with its traceback before raising it; the caller turns the exception into one
+    # `error:` line, so its own log would only repeat it as a traceback
+    logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
+    if "://" not in uri:  # Lite's in-process gRPC server logs the unimplemented call behind that warning
         logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
         d = os.path.dirname(os.path.abspath(uri))
         if not os.path.isdir(d):

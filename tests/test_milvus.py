@@ -134,6 +134,9 @@ def test_milvus_enrol_search_filter_resume_prune(tmp_path):
     r = run_py([REPO / "search" / "api.py", "--backend", "milvus", "--uri", uri, "--collection", "nope",
                 "--model_dir", other, "--queries", "r"], env=no_torch_env(tmp_path))
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "no collection 'nope'" in r.stderr
+    r = run_py([REPO / "search" / "api.py", "--backend", "milvus", "--uri", uri, "--collection", "g",
+                "--model_dir", other, "--queries", "r", "--filter", "folder ==== 1"], env=no_torch_env(tmp_path))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "milvus search failed" in r.stderr
 
 
 def test_faiss_prune_and_folder_filter(tmp_path):
