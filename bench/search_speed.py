@@ -246,7 +246,8 @@ def bench_size(args, base, n, options, tmp, text_s):
         med = statistics.median(per)
         rec = sindex.recall_at(got, truth)
         rows.append([f"{fmt_n(n)}", label, params_text(kind, sidx.params), f"{tb:.0f}", f"{tt:.0f}",
-                     f"{ram / 2**20:,.0f}", f"{ram / x.nbytes:.3f}", fmt_ms(med), fmt_ms(sorted(per)[int(0.9 * (len(per) - 1))]),
+                     f"{ram / 2**20:,.0f}", f"{ram / x.nbytes:.3f}", fmt_ms(med),
+                     fmt_ms(sorted(per)[int(0.9 * (len(per) - 1))]),
                      fmt_ms(text_s + med), f"{rec:.3f}"])
         print(f"  {label}: build {tb:.0f} s + tune {tt:.0f} s, {ram / 2**20:,.0f} MiB, p50 {fmt_ms(med)} ms, "
               f"recall@10 {rec:.3f}", flush=True)
@@ -350,8 +351,9 @@ def main(args):
           f"{args.threads} faiss threads; query total = text encoding ({fmt_ms(text_s)} ms) + search; recall@10 "
           f"against exact search, queries = fresh views of gallery people; build = k-means + add from the "
           f"memory-mapped features; tune = choosing nprobe/efSearch for recall@10 >= {args.recall_target} on 200 "
-          f"gallery rows; index MiB = what the index holds in RAM (codes + ids + centroids / graph), x fp32 = that over the "
-          f"float32 features (which stay in their memory-mapped file); peak RSS of the run {peak_rss() / 2**30:.1f} GiB")
+          f"gallery rows; index MiB = what the index holds in RAM (codes + ids + centroids / graph), x fp32 = that "
+          f"over the float32 features (which stay in their memory-mapped file); peak RSS of the run "
+          f"{peak_rss() / 2**30:.1f} GiB")
     for n, t in gts:
         if t is not None:
             print(f"plus, once per build at {fmt_n(n)}: the exact answers of the 200 tuning queries, {t:.0f} s")
