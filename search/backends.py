@@ -3,7 +3,7 @@ r"""Search back ends behind one interface: faiss files (default, embedded) or a 
     --backend faiss    PREFIX_features.npy + PREFIX_metadata.json (+ PREFIX_index.*): search/collection.py and
                        search/index.py; one machine, the gallery memory-mapped
     --backend milvus   a Milvus collection. --uri collection/gallery.db = Milvus Lite, the embedded single-file
-                       Milvus (pip install milvus-lite; tests, laptops, up to about a million rows);
+                       Milvus (pip install milvus-lite; tests, laptops: it searches by brute force);
                        --uri http://host:19530 = a Milvus server or cluster (--token user:password if it has auth),
                        the same code; the collection is --collection NAME (default: the last part of the prefix)
 
