@@ -42,14 +42,9 @@ recipe's int8 text model + character table <= 8 MiB.
    max_position_embeddings=64, vocab_size=256000 (SigLIP2's Gemma vocabulary), projection_size=1152)) on token
    ids at L=64 (SigLIP pads every text to 64). The student also runs at L=64 here (captions >= 63 characters);
    the teacher's tokenizer time is NOT counted (there is none offline), which favours the teacher.
-3. Search. Query latency = student text encode of a typical short query + top-10 search, over galleries of 10k,
-   100k and 1M D-dim unit vectors, through search/index.py (exact IndexFlatIP, HNSW, IVF), with build time and
-   recall@10 against exact search over 100 queries. Gallery: --gallery structured (default) = person-like
-   embeddings: N/4 identities x 4 images on a 64-dim manifold, normalize(A (z_id + 0.5 z_img) + 30% isotropic
-   noise), queries = fresh views of random identities. Uniform random unit vectors in 512-D have no structure at
-   all (every point nearly equidistant): the worst case of any approximate index; a 10k uniform gallery is always
-   shown for contrast (--gallery uniform uses it for every size). HNSW at 1M is built only when its build time,
-   extrapolated from 100k (x12, N log N), stays under 5 min; otherwise IVF serves 1M (said in the output).
+3. Search: bench/search_speed.py on this student (its docstring): galleries tiled from the student's embeddings of
+   rendered synthetic people, every search/index.py option (flat, ivf, ivf_fp16, ivf_sq8, hnsw, auto) with
+   recall@10 against exact, p50/p90 query latency, build and tuning time and index RAM.
 4. Evaluation. metrics.verification and metrics.retrieval (text->image) on 1,000 images x 25,000 captions
    (25M pairs, D = feature_dim; bench/eval_speed.py's identity-structured float16 embeddings).
 5. Training. Steps/s of main.py's training step (main.Distiller: student + losses.build_criterion with main.py's
@@ -134,9 +129,6 @@ def get_args_parser(add_help=False):
     p.add_argument("--checkpoint", default=None,
                    help="a main.py checkpoint (.pt, exported into a temp dir) or an export_model.py folder "
                         "(model_info.json); replaces the random student and its size flags")
-    p.add_argument("--gallery", choices=["structured", "uniform"], default="structured",
-                   help="search galleries: person-like clustered embeddings, or uniform random unit vectors "
-                        "(the worst case for HNSW/IVF)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for the loader check")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of: {','.join(SECTIONS)}")
     p.add_argument("--omp_wait_policy", choices=["passive", "active", "inherit"], default="passive",
@@ -657,129 +649,16 @@ def bench_text(args, plan, students, teacher_label):
 
 
 # ------------------------------------------------------------------------------------------------ 3. search
-def make_gallery(kind, n, n_queries, d, seed, chunk=100_000):
-    """float32 unit vectors [n, d] and queries [n_queries, d]; see the module docstring for the two kinds."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    x = np.empty((n, d), np.float32)
-    if kind == "uniform":
-        for s in range(0, n, chunk):
-            x[s:s + chunk] = rng.standard_normal((min(chunk, n - s), d), dtype=np.float32)
-        q = rng.standard_normal((n_queries, d), dtype=np.float32)
-    else:
-        r = min(64, d)
-        a = rng.standard_normal((r, d), dtype=np.float32) / np.sqrt(r)
-        n_id = max(1, n // 4)
-        z = rng.standard_normal((n_id, r), dtype=np.float32)
-
-        def views(ids):
-            v = (z[ids] + 0.5 * rng.standard_normal((len(ids), r), dtype=np.float32)) @ a
-            noise = rng.standard_normal(v.shape, dtype=np.float32)
-            return v + 0.3 * np.linalg.norm(v, axis=1, keepdims=True) / np.sqrt(d) * noise
-
-        for s in range(0, n, chunk):
-            x[s:s + chunk] = views(np.arange(s, min(n, s + chunk)) % n_id)
-        q = views(rng.integers(0, n_id, n_queries))
-    for s in range(0, n, chunk):
-        x[s:s + chunk] /= np.linalg.norm(x[s:s + chunk], axis=1, keepdims=True)
-    q /= np.linalg.norm(q, axis=1, keepdims=True)
-    return x, q
-
-
 def bench_search(args, plan, info):
-    import numpy as np
-    from search.engine import TextEncoder
-    from search.index import build_index, default_nlist
+    """Section 3 is bench/search_speed.py (student-like galleries, every search/index.py option), run on this
+    student at this plan's gallery sizes."""
+    from bench import search_speed
 
-    d = int(info["feature_dim"])
-    enc = TextEncoder(info, threads=args.threads)
-    txt, _ = timed(lambda: [enc.encode([q]) for q in QUERIES], 2, 10)
-    txt /= len(QUERIES)
-    avg_chars = sum(len(q) for q in QUERIES) / len(QUERIES)
-    print(f"student text encode of one typical query ({len(QUERIES)} queries of {avg_chars:.0f} characters on "
-          f"average, en+zh, dynamic L): {fmt_ms(txt)} ms; search = top-10 for one query at a time, median over "
-          f"{plan['n_queries']} queries; recall@10 vs exact IndexFlatIP", flush=True)
-
-    def one(x, q, label, rows, kinds):
-        """flat, then every index kind in `kinds` on gallery x; rows get the results."""
-        t0 = time.perf_counter()
-        flat = build_index(x, "flat")
-        fb = time.perf_counter() - t0
-        _, gt = flat.search(q, 10)
-        fs = statistics.median(timed(lambda i=i: flat.search(q[i:i + 1], 10), 0, 1)[0] for i in range(len(q)))
-        rows.append([label, "flat (exact)", "-", f"{fb:.2f}", fmt_ms(fs), fmt_ms(txt + fs), "1.000"])
-        del flat
-        built = {}
-        for kind, kw, desc in kinds:
-            t0 = time.perf_counter()
-            ix = build_index(x, kind, **kw)
-            bt = time.perf_counter() - t0
-            ix.set_search_params()
-            per = []
-            got = []
-            for i in range(len(q)):
-                t = time.perf_counter()
-                _, r = ix.search(q[i:i + 1], 10)
-                per.append(time.perf_counter() - t)
-                got.append(r[0])
-            st = statistics.median(per)
-            rec = float(np.mean([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(got, gt)]))
-            p = ix.params
-            ptxt = desc + (f" ef={p['ef_search']}" if "ef_search" in p else f" nprobe={p['nprobe']}" if "nprobe" in p
-                           else "")
-            rows.append([label, kind, ptxt, f"{bt:.1f}", fmt_ms(st), fmt_ms(txt + st), f"{rec:.3f}"])
-            built[desc] = bt
-            print(f"  {label}: {kind} {ptxt}: build {bt:.1f}s, {fmt_ms(st)} ms/query, recall@10 {rec:.3f}",
-                  flush=True)
-            del ix
-        return built
-
-    def kinds_for(n, hnsw_builds):
-        out = []
-        for m, efc in plan["hnsw"]:
-            desc = f"M={m} efC={efc}"
-            if n > plan["hnsw_max_n"]:
-                continue
-            prev = hnsw_builds.get(desc)
-            if prev is not None and n >= 10 * prev[0]:
-                est = prev[1] * (n / prev[0]) * math.log(n) / math.log(prev[0])
-                if est > 300:
-                    notes.append(f"HNSW {desc} not built at {fmt_n(n)}: its build would take ~{est / 60:.0f} min "
-                                 f"(extrapolated from {fmt_n(prev[0])}: {prev[1]:.0f}s x N log N) > 5 min; "
-                                 f"IVF serves {fmt_n(n)} on this machine")
-                    continue
-            out.append(("hnsw", dict(hnsw_m=m, ef_construction=efc), desc))
-        if n <= plan["ivf_max_n"] or not out:
-            nl = min(default_nlist(n), 1024)
-            note = "" if nl == default_nlist(n) else f" (default {default_nlist(n)})"
-            out.append(("ivf", dict(nlist=nl), f"nlist={nl}{note}"))
-        return out
-
-    print("HNSW " + ", ".join(f"M={m} efConstruction={e}" for m, e in plan["hnsw"])
-          + " (search/index.py's default: M=32 efConstruction=200, efSearch 128); IVF nlist capped at 1024 "
-            "(k-means on nlist x 256 samples; the 4 sqrt(N) default costs minutes at 1M), nprobe nlist/8")
-    rows, notes, hnsw_builds = [], [], {}
-    for n in plan["galleries"]:
-        x, q = make_gallery(args.gallery, n, plan["n_queries"], d, args.seed)
-        built = one(x, q, f"{fmt_n(n)} {args.gallery}", rows, kinds_for(n, hnsw_builds))
-        for desc, bt in built.items():
-            if desc.startswith("M="):
-                hnsw_builds[desc] = (n, bt)
-        del x, q
-    if args.gallery == "structured":
-        n = plan["uniform_n"]
-        x, q = make_gallery("uniform", n, plan["n_queries"], d, args.seed)
-        one(x, q, f"{fmt_n(n)} uniform (worst case)", rows,
-            [("hnsw", dict(hnsw_m=m, ef_construction=efc), f"M={m} efC={efc}") for m, efc in plan["hnsw"][:1]]
-            + [("ivf", dict(nlist=min(default_nlist(n), 1024)), f"nlist={min(default_nlist(n), 1024)}")])
-        del x, q
-    print_table(["gallery (D=%d)" % d, "index", "parameters", "build s", "search ms", "query total ms", "recall@10"],
-                rows)
-    print(f"query total = student text encode ({fmt_ms(txt)} ms) + search; float32 features = "
-          f"{d * 4} bytes/row ({mib(d * 4 * max(plan['galleries']))} MiB at {fmt_n(max(plan['galleries']))})")
-    for s in notes:
-        print("note: " + s)
+    sargs = search_speed.get_args_parser(add_help=False).parse_args([])
+    sargs.sizes = ",".join(str(n) for n in plan["galleries"])
+    sargs.threads, sargs.seed, sargs.smoke = args.threads, args.seed, args.smoke
+    sargs.student_info = info if info.get("_image_model") else None  # a text-only export: search_speed's own
+    search_speed.main(sargs)
 
 
 # ------------------------------------------------------------------------------------------------ 4. eval

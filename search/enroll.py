@@ -22,8 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image
 
-from search.collection import CollectionError, Enrolment, prefix_paths
+from search.backends import add_backend_args, describe_target, open_enrolment
+from search.collection import CollectionError, prefix_paths
 from search.engine import clip_bbox
+from search.index import INDEX_TYPES
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 PERSON_CATEGORY = 1
@@ -46,11 +48,14 @@ def get_args_parser(add_help=False):
                    help="image decoding threads")
     p.add_argument("--checkpoint_every", type=int, default=20,
                    help="make progress durable every N batches (a killed run resumes from there)")
-    p.add_argument("--index", default="auto", choices=("auto", "flat", "hnsw", "ivf"),
-                   help="index built after enrolment: auto = flat (nothing saved) below 100k rows, hnsw above")
+    p.add_argument("--index", default="auto", choices=INDEX_TYPES,
+                   help="faiss index built after enrolment (search/index.py): auto = exact flat (nothing saved) for "
+                        "small galleries, else ivf_sq8 tuned to --recall_target")
+    p.add_argument("--recall_target", type=float, default=None, help="recall@10 the index is tuned to (0.95)")
     p.add_argument("--rebuild", action="store_true",
                    help="discard the existing collection (required when the model changed)")
     p.add_argument("--threads", type=int, default=None, help="inference threads (default: cores, max 8)")
+    add_backend_args(p, enrol=True)
     return p
 
 
@@ -237,7 +242,14 @@ def run_enrolment(args, encoder, log=None):
 
 
 def _run_locked(args, encoder, log, image_dir, boxes, tasks, stats):
-    enr = Enrolment(args.output_prefix, encoder.model_record, rebuild=args.rebuild, log=log)
+    enr = open_enrolment(args, encoder.model_record, log=log)
+    try:
+        return _enrol(args, encoder, log, image_dir, boxes, tasks, stats, enr)
+    finally:
+        getattr(enr, "close", lambda: None)()
+
+
+def _enrol(args, encoder, log, image_dir, boxes, tasks, stats, enr):
     existing = enr.total
     todo, seen = [], set()
     for rel, tpls in tasks:
@@ -309,6 +321,9 @@ def _run_locked(args, encoder, log, image_dir, boxes, tasks, stats):
     if bar is not None:
         bar.close()
     total = enr.finish()
+    if getattr(args, "prune", False):  # entries whose image file is gone from --image-dir
+        stats["pruned"] = enr.prune(set(walk_images(image_dir)))
+        total = enr.total
     stats["total"] = total
     stats["seconds"] = time.perf_counter() - t0
     return stats
@@ -320,9 +335,11 @@ def _plural(what):
             "box of a missing image": "boxes of missing images"}[what]
 
 
-def summary_line(stats, prefix):
+def summary_line(stats, prefix, target=None):
     parts = [f"enrolled {stats['new']} new entries ({stats['existing']} already present, {stats['total']} total) "
-             f"in {stats['seconds']:.1f} s -> {prefix_paths(prefix)['features']}"]
+             f"in {stats['seconds']:.1f} s -> {target or prefix_paths(prefix)['features']}"]
+    if stats.get("pruned"):
+        parts[0] += f"; pruned {stats['pruned']} entries of deleted images"
     skipped = []
     for key, what in (("undecodable", "undecodable file"), ("degenerate", "degenerate box"),
                       ("invalid_boxes", "malformed box"), ("no_boxes", "image without boxes"),
@@ -342,12 +359,12 @@ def main_common(args, make_encoder):
     try:
         encoder = make_encoder(args)
         stats = run_enrolment(args, encoder)
-        print(summary_line(stats, args.output_prefix), flush=True)
-        kind = choose_index(args.index, stats["total"])
-        if kind != "flat" and stats["total"]:
+        print(summary_line(stats, args.output_prefix, describe_target(args)), flush=True)
+        kind = choose_index(args.index, stats["total"], encoder.dim)
+        if kind != "flat" and stats["total"] and args.backend == "faiss":  # Milvus indexes its rows itself
             p = prefix_paths(args.output_prefix)
             coll = load_collection(p["features"], p["metadata"])
-            get_index(coll.features, args.output_prefix, kind,
+            get_index(coll.features, args.output_prefix, args.index, recall_target=args.recall_target,
                       log=lambda m: print(m, file=sys.stderr, flush=True))
     except (EnrolError, CollectionError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)

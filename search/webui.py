@@ -3,8 +3,10 @@
 Routes (GET only):
     /                          the page; `/?q=...&top_n=...` renders results server-side (every string escaped
                                with html.escape; a strict Content-Security-Policy forbids scripts altogether)
-    /api/search?q=...&top_n=.. JSON {"query", "time_s", "notes", "results": [{"rank", "score", "image", "bbox",
-                               "image_url"}]}; q is cut to 1000 characters, top_n must be 1..100
+    /api/search?q=...&top_n=..[&folder=F]
+                               JSON {"query", "time_s", "notes", "results": [{"rank", "score", "image", "bbox",
+                               "image_url"}]}; q is cut to 1000 characters, top_n must be 1..100; folder keeps
+                               only images directly in that folder (search/backends.py)
     /image?path=REL[&bbox=x1,y1,x2,y2]
                                REL must be an image of the collection under the image root: absolute paths,
                                '..' components (also percent-encoded), and symlinks resolving outside the root
@@ -215,8 +217,8 @@ class SearchHandler(BaseHTTPRequestHandler):
             return q, min(max(top_n, 1), MAX_TOP_N), notes, f"top_n must be 1..{MAX_TOP_N}"
         return q, top_n, notes, None
 
-    def _search(self, q, top_n, notes):
-        res = self.server.searcher.search(q, top_n)
+    def _search(self, q, top_n, notes, folder=None):
+        res = self.server.searcher.search(q, top_n, folder)
         res["notes"] = notes + res["notes"]
         for r in res["results"]:
             r.pop("path", None)  # never reveal server filesystem paths
@@ -237,7 +239,7 @@ class SearchHandler(BaseHTTPRequestHandler):
             return self._json(400, {"error": err})
         if q is None:
             return self._json(400, {"error": "missing parameter q"})
-        self._json(200, self._search(q, top_n, notes))
+        self._json(200, self._search(q, top_n, notes, qs.get("folder", [None])[0]))
 
     def _image(self, qs):
         rel = qs.get("path", [""])[0]
@@ -247,7 +249,7 @@ class SearchHandler(BaseHTTPRequestHandler):
             return self._text(403, "forbidden")
         except (FileNotFoundError, ValueError):
             return self._text(404, "not found")
-        if rel.replace("\\", "/") not in self.server.allowed:
+        if not self.server.searcher.has_image(rel.replace("\\", "/")):
             return self._text(404, "not found")  # only gallery images are served, nothing else in the root
         ext = os.path.splitext(full)[1].lower()
         if ext not in CONTENT_TYPES:
@@ -275,13 +277,12 @@ def make_server(searcher, image_root, host="127.0.0.1", port=5005, title="Person
     srv.daemon_threads = True
     srv.searcher = searcher
     srv.root_real = os.path.realpath(image_root or ".")
-    srv.allowed = {it["image"].replace("\\", "/") for it in searcher.collection.items}
     srv.title = title
     srv.default_top_n = max(1, min(MAX_TOP_N, int(default_top_n)))
     srv.quiet = quiet
     srv.loopback_only = host in LOOPBACK_NAMES or host.startswith("127.")
     c = searcher.collection
-    srv.info = (f"{len(c)} gallery entries · {c.dim}-dim · index {searcher.index.kind} · "
+    srv.info = (f"{len(searcher)} gallery entries · {c.dim}-dim · index {searcher.index.kind} · "
                 f"enrolled with {c.model.get('kind', '?')} ({c.model.get('space', '?')})")
     return srv
 
@@ -296,8 +297,10 @@ def main_serve(args, encoder, title):
     """Shared main of app_onnx.py / app_siglip.py (after the encoder is built)."""
     from search.api import Searcher
 
-    s = Searcher(encoder, args.image_feature, args.image_metadata, args.image_root, args.index, args.ef_search,
-                 args.nprobe, save_index=not args.no_save_index, search_threads=args.search_threads)
+    from search.backends import open_store
+
+    s = Searcher(encoder, args.image_feature, image_root=args.image_root, folder=args.folder, expr=args.filter,
+                 store=open_store(args, log=lambda m: print(m, file=sys.stderr, flush=True)))
     s.search("warm-up", 1)
     try:
         srv = make_server(s, args.image_root, args.host, args.port, title, args.top_n, args.quiet)
