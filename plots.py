@@ -23,6 +23,12 @@ def _plt():
     import matplotlib
     matplotlib.use("Agg")  # files only: no display on servers and CI
     import matplotlib.pyplot as plt
+    # Chinese queries on the retrieval sheet: fall back to a CJK font when one is installed (tools/install.sh
+    # installs fonts-wqy-zenhei); matplotlib picks per glyph from this list
+    import matplotlib.font_manager as fm
+    have = {f.name for f in fm.fontManager.ttflist}
+    cjk = ("WenQuanYi Zen Hei", "Noto Sans CJK SC", "Noto Sans CJK JP", "Droid Sans Fallback")
+    plt.rcParams["font.family"] = ["DejaVu Sans"] + [f for f in cjk if f in have]
     return plt
 
 
