@@ -89,7 +89,7 @@ def read_manifest(path):
     try:
         with open(mpath, encoding="utf-8") as f:
             m = json.load(f)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise CacheMismatchError(f"{path}: unreadable manifest.json ({type(e).__name__}: {e})") from None
     version = m.get("format_version") if isinstance(m, dict) else None
     if version != FORMAT_VERSION:

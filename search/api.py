@@ -1,11 +1,11 @@
 r"""Text -> person search over an enrolled collection, from the command line (and the `Searcher` class).
 
     cd search
-    python api.py --image-root xm_images --image_feature collection/person_features_features.npy \
-        --image_metadata collection/person_features_metadata.json \
+    python api.py --image-root xm_images --image_feature collection/person_features.npy \
+        --image_metadata collection/person_metadata.json \
         --queries "a girl wearing red coat" "a man wearing a gray pants" --top-n 2 --model_dir ../export
     # from the repo root, a machine-readable answer:
-    python search/api.py --image-root xm_images --image_feature collection/person_features_features.npy \
+    python search/api.py --image-root xm_images --image_feature collection/person_features.npy \
         --text-model export/model_text.onnx --queries "穿红色外套的女孩" --top-n 5 --json
 
 Prints, per query (time = text encoding + index search):
@@ -33,7 +33,7 @@ from search.collection import CollectionError, load_collection, metadata_for, pr
 from search.engine import ExportError, TextEncoder  # noqa: E402
 from search.index import INDEX_TYPES, get_index  # noqa: E402
 
-DEFAULT_FEATURES = "collection/person_features_features.npy"
+DEFAULT_FEATURES = "collection/person_features.npy"  # enrolment's default prefix collection/person + _features.npy
 
 
 def get_data_args_parser(add_help=False):
@@ -145,7 +145,7 @@ def format_result(res):
     for r in res["results"]:
         b = r["bbox"]
         lines.append(f"{r['rank']}. Score: {r['score']:.4f}")
-        lines.append(f"   Image: {r['path']}")
+        lines.append(f"   Image: {display(r['path'], limit=1000)}")  # names come from files: no raw escapes
         lines.append(f"   BBox: {[int(round(v)) for v in b] if b is not None else 'None (whole image)'}")
     lines.append("")
     return "\n".join(lines)
@@ -165,6 +165,8 @@ def main(args):
         fail("pass at least one query: --queries \"a man in a red coat\" ...")
     if args.top_n < 1:
         fail(f"--top-n must be >= 1, got {args.top_n}")
+    if args.image_root and not os.path.isdir(args.image_root):
+        fail(f"--image-root {args.image_root}: no such folder (the printed image paths would lead nowhere)")
     try:
         enc = TextEncoder(args.model_dir, args.text_model, threads=args.threads)
         s = Searcher(enc, args.image_feature, args.image_metadata, args.image_root, args.index, args.ef_search,
@@ -177,7 +179,7 @@ def main(args):
         doc = {"collection": {"features": args.image_feature, "rows": len(s), "dim": s.collection.dim,
                               "model": s.collection.model, "index": s.index.kind},
                "text_model": enc.name, "warnings": s.warnings, "queries": results}
-        print(json.dumps(doc, ensure_ascii=False, indent=1))
+        print(json.dumps(doc, ensure_ascii=False, indent=1, allow_nan=False))
     else:
         for r in results:
             print(format_result(r))

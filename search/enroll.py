@@ -20,10 +20,9 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
-from PIL import Image
-
 from search.collection import CollectionError, Enrolment, prefix_paths
 from search.engine import clip_bbox
+from search.imaging import is_regular_file, open_rgb
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 PERSON_CATEGORY = 1
@@ -37,7 +36,7 @@ def get_args_parser(add_help=False):
     p = argparse.ArgumentParser("enrolment", add_help=add_help)
     p.add_argument("--image-dir", "--image_dir", dest="image_dir", required=True,
                    help="folder of gallery images, walked recursively (jpg/jpeg/png/bmp/webp)")
-    p.add_argument("--output-prefix", "--output_prefix", dest="output_prefix", default="collection/person_features",
+    p.add_argument("--output-prefix", "--output_prefix", dest="output_prefix", default="collection/person",
                    help="writes PREFIX_features.npy and PREFIX_metadata.json (+ PREFIX_index.* for hnsw/ivf)")
     p.add_argument("--boxes", default=None, help="person boxes JSON (simple or COCO form, see the docstring)")
     p.add_argument("--min_score", type=float, default=0.0, help="drop COCO detections scoring below this")
@@ -55,14 +54,41 @@ def get_args_parser(add_help=False):
 
 
 # ------------------------------------------------------------------------------------------- planning
-def walk_images(image_dir):
-    """Sorted relative '/'-separated paths of image files under image_dir (symlinked dirs are not followed)."""
+def walk_images(image_dir, skipped=None):
+    """Sorted relative '/'-separated paths of image files under image_dir (symlinked dirs are not followed).
+
+    One rule with the web UI (which serves only files inside its root): a symlink resolving outside image_dir is
+    not enrolled, nor is anything that is not a regular file (a FIFO named *.jpg would block open() forever);
+    both are counted in `skipped` ({"outside_root": n, "not_regular": n}) when a dict is given."""
     out = []
-    for root, dirs, files in os.walk(image_dir):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for f in files:
-            if f.lower().endswith(IMAGE_EXTS) and not f.startswith("."):
-                out.append(os.path.relpath(os.path.join(root, f), image_dir).replace(os.sep, "/"))
+    skipped = {} if skipped is None else skipped
+    skipped.setdefault("outside_root", 0)
+    skipped.setdefault("not_regular", 0)
+    root_real = os.path.realpath(image_dir)
+    stack = [image_dir]
+    while stack:
+        d = stack.pop()
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError:
+            continue
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            if e.is_dir(follow_symlinks=False):
+                stack.append(e.path)
+                continue
+            if not e.name.lower().endswith(IMAGE_EXTS):
+                continue
+            if e.is_symlink():
+                real = os.path.realpath(e.path)
+                if os.path.commonpath([root_real, real]) != root_real:
+                    skipped["outside_root"] += 1
+                    continue
+            if not is_regular_file(e.path):
+                skipped["not_regular"] += 1
+                continue
+            out.append(os.path.relpath(e.path, image_dir).replace(os.sep, "/"))
     return sorted(out)
 
 
@@ -94,7 +120,7 @@ def load_boxes(path, image_dir, min_score=0.0):
             data = json.load(f)
     except FileNotFoundError:
         raise EnrolError(f"{path}: boxes file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise EnrolError(f"{path}: unreadable boxes file ({e.__class__.__name__}: {e})") from None
     boxes, invalid = {}, 0
     if isinstance(data, dict) and "annotations" in data and "images" in data:  # COCO
@@ -142,8 +168,9 @@ def load_boxes(path, image_dir, min_score=0.0):
 
 def plan(image_dir, boxes=None):
     """-> (tasks [(rel, [item templates])], stats). An item template holds image/bbox_src/source/score."""
-    rels = walk_images(image_dir)
-    stats = {"images_found": len(rels), "no_boxes": 0, "boxes_missing_image": 0}
+    skipped = {}
+    rels = walk_images(image_dir, skipped)
+    stats = {"images_found": len(rels), "no_boxes": 0, "boxes_missing_image": 0, **skipped}
     tasks = []
     if boxes is None:
         tasks = [(r, [{"image": r, "bbox_src": None, "source": "image"}]) for r in rels]
@@ -183,9 +210,7 @@ def _key_template(tpl):
 def _decode_task(image_dir, rel, templates, prepare):
     """Worker: decode once, clip every box, prepare each crop. -> (ok [(item, payload)], n_degenerate, error)."""
     try:
-        with Image.open(os.path.join(image_dir, rel)) as im:
-            im.load()
-            img = im.convert("RGB")
+        img, _ = open_rgb(os.path.join(image_dir, rel))  # regular files only; 16-bit scaled, not clipped
     except Exception as e:  # noqa: BLE001 - any decoder failure (OSError, SyntaxError, DecompressionBomb...)
         return [], 0, f"{e.__class__.__name__}"
     w, h = img.size
@@ -317,7 +342,9 @@ def _run_locked(args, encoder, log, image_dir, boxes, tasks, stats):
 def _plural(what):
     return {"undecodable file": "undecodable files", "degenerate box": "degenerate boxes",
             "malformed box": "malformed boxes", "image without boxes": "images without boxes",
-            "box of a missing image": "boxes of missing images"}[what]
+            "box of a missing image": "boxes of missing images",
+            "link pointing outside the image folder": "links pointing outside the image folder",
+            "file that is not a regular file": "files that are not regular files"}[what]
 
 
 def summary_line(stats, prefix):
@@ -326,7 +353,9 @@ def summary_line(stats, prefix):
     skipped = []
     for key, what in (("undecodable", "undecodable file"), ("degenerate", "degenerate box"),
                       ("invalid_boxes", "malformed box"), ("no_boxes", "image without boxes"),
-                      ("boxes_missing_image", "box of a missing image")):
+                      ("boxes_missing_image", "box of a missing image"),
+                      ("outside_root", "link pointing outside the image folder"),
+                      ("not_regular", "file that is not a regular file")):
         n = stats.get(key, 0)
         if n:
             skipped.append(f"{n} {what if n == 1 else _plural(what)}")

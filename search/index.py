@@ -7,10 +7,13 @@
     --index auto   flat below 100,000 rows (exact search of 100k x 1152 floats takes ~10 ms), hnsw above
 
 HNSW / IVF indexes are saved atomically as P_index.faiss with a sidecar P_index.json recording the type and
-parameters, and the row count and fingerprint of the features they were built from; an index whose sidecar
-does not match the current features (grown or rebuilt gallery) is stale and is rebuilt. Saved indexes are loaded
+parameters, the row count and fingerprint of the features they were built from, and a hash of the index file
+itself; an index whose sidecar does not match the current features (grown or rebuilt gallery) is stale, and one
+whose bytes do not match its hash is damaged (faiss reads flipped bytes without complaint and then scores ~1e27):
+both are rebuilt. Saved indexes are loaded
 memory-mapped where this faiss build supports it (IO_FLAG_MMAP_IFC / IO_FLAG_MMAP), falling back to a plain read.
 """
+import hashlib
 import json
 import os
 import time
@@ -118,6 +121,15 @@ def _read_mmap(path):
     raise err
 
 
+def file_hash(path, chunk=1 << 20):
+    """blake2b of a file's bytes (the saved index's own fingerprint)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for b in iter(lambda: f.read(chunk), b""):
+            h.update(b)
+    return h.hexdigest()
+
+
 def save_index(sidx, prefix, features_fp):
     import faiss
 
@@ -125,27 +137,34 @@ def save_index(sidx, prefix, features_fp):
     tmp = _tmp(p["index"])
     try:
         faiss.write_index(sidx.index, tmp)
+        index_hash = file_hash(tmp)
         _fsync_replace(tmp, p["index"])
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     meta = {"version": INDEX_VERSION, "kind": sidx.kind, "rows": sidx.n, "dim": sidx.index.d,
-            "features_fingerprint": features_fp,
+            "features_fingerprint": features_fp, "index_hash": index_hash,
             "params": {k: v for k, v in sidx.params.items() if k not in ("ef_search", "nprobe")}}
     atomic_write_json(p["index_meta"], meta)  # written last: an index without a matching sidecar is stale
 
 
 def load_index(prefix, kind, features_fp, n_rows, dim):
-    """The saved index if it is fresh (same type, rows, dim and features fingerprint), else None."""
+    """The saved index if it is fresh (same type, rows, dim and features fingerprint) and intact (its file hash
+    matches the sidecar), else None."""
     p = prefix_paths(prefix)
     try:
         with open(p["index_meta"], encoding="utf-8") as f:
             meta = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     if not (isinstance(meta, dict) and meta.get("version") == INDEX_VERSION and meta.get("kind") == kind
             and meta.get("rows") == n_rows and meta.get("dim") == dim
             and meta.get("features_fingerprint") == features_fp):
+        return None
+    try:
+        if file_hash(p["index"]) != meta.get("index_hash"):  # damaged (or an older sidecar without the hash)
+            return None
+    except OSError:
         return None
     try:
         idx = _read_mmap(p["index"])
