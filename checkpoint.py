@@ -35,6 +35,8 @@ import zipfile
 
 import torch
 
+from cli import fail
+
 REQUIRED_KEYS = ("model", "model_cfg")
 
 _LEAF_TYPES = (str, bytes, bytearray, int, float, bool, complex, type(None), torch.dtype, torch.device, torch.Size)
@@ -186,11 +188,11 @@ def load_checkpoint(path, map_location="cpu", require_student=True) -> dict:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        raise SystemExit("usage: python checkpoint.py <checkpoint.pt>")
+        fail("usage: python checkpoint.py <checkpoint.pt>")
     try:
         ck = load_checkpoint(sys.argv[1])
     except CheckpointError as e:
-        raise SystemExit(f"error: {e}")
+        fail(f"{e}")
     print(f"keys: {sorted(ck)}")
     print(f"step: {ck.get('step')}  tensors: {len(ck['model'])}  "
           f"params: {sum(v.numel() for v in ck['model'].values()) / 1e6:.3f}M")

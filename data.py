@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from captions import compose_caption
+from cli import fail
 from search.charmap import encode_batch
 from search.imaging import is_regular_file, to_rgb
 
@@ -446,7 +447,7 @@ def main(args):
         records = load_records(args.data, args.image_root)
         train, test = (split_records(records, args.test_ratio, s) for s in ("train", "test"))
     except (DatasetError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(f"{e}")
     n_zh = sum(len(r["captions_zh"]) for r in records)
     print(f"{args.data}: {len(records)} images, {len({r['id'] for r in records})} identities, "
           f"{len(caption_rows(records)) - n_zh} en + {n_zh} zh captions, "

@@ -398,7 +398,8 @@ def main():
     try:
         cache = EmbeddingCache.open(args.path, data_json=args.data)
     except CacheMismatchError as e:
-        sys.exit(f"error: {e}")
+        from cli import fail
+        fail(e)
     m = cache.manifest
     print(f"teacher {m['teacher']} ({m['teacher_kind']}, multilingual {m['multilingual']}), "
           f"dataset {m['dataset']} sha256 {m['dataset_sha256'][:12]}")

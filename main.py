@@ -525,7 +525,7 @@ def main(args):
         train_one_epoch(args, state, make_loader(args, ds, sampler), train_module, optimizer, scheduler, scaler,
                         writer, ctx)
         if state["batches"] == before:
-            raise SystemExit("error: the training loader produced no batch; check --batch_size and the data")
+            fail("the training loader produced no batch; check --batch_size and the data")
         step = state["step"]
         is_best = False
         if step > 0 and ((args.eval_every and step % args.eval_every == 0) or step >= args.iters):

@@ -98,7 +98,7 @@ _INT_MIN = {"batch_size": 1, "iters": 1, "feature_dim": 1, "embed_dim": 1, "max_
             "vocab_size": 0x254,  # search/charmap.py hashes non-Latin code points into rows 0x253 .. vocab_size-1
             "save_every": 1, "log_every": 1, "keep_checkpoints": 1, "max_bad_steps": 1, "instances_per_id": 1,
             "eval_max_images": 1, "rkd_max_rows": 2, "workers": 0, "eval_every": 0, "seed": 0, "memory_size": 0,
-            "memory_warmup": 0, "warmup": -1}
+            "memory_warmup": 0, "warmup": -1, "top_k": 0}
 # float flags: (low, high, low inclusive); names not listed follow the suffix rules below
 _FLOAT_RANGE = {"lr": (0.0, 10.0, False), "weight_decay": (0.0, 10.0, True), "grad_clip": (0.0, float("inf"), True),
                 "min_lr_ratio": (0.0, 1.0, True), "test_ratio": (0.0, 1.0, True)}

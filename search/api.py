@@ -29,6 +29,7 @@ import json  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
 
+from search.charmap import printable  # noqa: E402
 from search.collection import CollectionError, load_collection, metadata_for, prefix_from_features  # noqa: E402
 from search.engine import ExportError, TextEncoder  # noqa: E402
 from search.index import INDEX_TYPES, get_index  # noqa: E402
@@ -74,7 +75,7 @@ def get_args_parser(add_help=True):
 
 def display(text, limit=200):
     """A query as printed: control characters escaped (no terminal escape injection), long ones shortened."""
-    s = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+    s = printable(text)
     return s if len(s) <= limit else s[:limit] + f"... ({len(text)} characters)"
 
 

@@ -97,3 +97,10 @@ def encode_batch(texts, max_len: int = 64, vocab_size: int = DEFAULT_VOCAB_SIZE)
 def lookup(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Input-embedding lookup done outside the ONNX graph (NPU runtimes lack Gather): [V,E] x [B,L] -> [B,L,E]."""
     return np.take(np.asarray(table, dtype=np.float32), ids, axis=0)
+
+
+def printable(s) -> str:
+    """`s` safe to print on a terminal: non-printable characters (ANSI escapes, newlines, bidi controls) are shown
+    as Python escapes (\\x1b, \\n, \\u202e), so names read from files cannot move the cursor or fake output lines."""
+    s = str(s)
+    return s if s.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in s)
