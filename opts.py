@@ -101,9 +101,10 @@ _INT_MIN = {"batch_size": 1, "iters": 1, "feature_dim": 1, "embed_dim": 1, "max_
             "memory_warmup": 0, "warmup": -1, "top_k": 0}
 # float flags: (low, high, low inclusive); names not listed follow the suffix rules below
 _FLOAT_RANGE = {"lr": (0.0, 10.0, False), "weight_decay": (0.0, 10.0, True), "grad_clip": (0.0, float("inf"), True),
-                "min_lr_ratio": (0.0, 1.0, True), "test_ratio": (0.0, 1.0, True)}
-_SUFFIX_RANGE = (("_weight", (0.0, float("inf"), True)), ("_prob", (0.0, 1.0, True)), ("_ratio", (0.0, 1.0, True)),
-                 ("_temp", (0.0, float("inf"), False)))
+                "min_lr_ratio": (0.0, 1.0, True), "test_ratio": (0.0, 1.0, True), "id_temp": (0.0, 100.0, False),
+                "dist_rel_t_temp": (0.0, 100.0, True),  # 0 = auto
+                "dist_rel_s_temp": (-1.0, 100.0, True)}  # 0 = auto, -1 = the teacher's
+_SUFFIX_RANGE = (("_weight", (0.0, float("inf"), True)), ("_prob", (0.0, 1.0, True)), ("_ratio", (0.0, 1.0, True)))
 
 
 def _device_problem(dev):
