@@ -562,4 +562,8 @@ def main(args):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser("main.py", parents=[opts.get_args_parser()], description=__doc__,
                                      formatter_class=HelpFormatter)
-    main(parser.parse_args())
+    try:
+        main(parser.parse_args())
+    except KeyboardInterrupt:
+        print("interrupted: the newest checkpoint is kept; continue with --resume auto", file=sys.stderr)
+        raise SystemExit(130) from None

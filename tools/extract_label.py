@@ -229,4 +229,5 @@ if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
     except KeyboardInterrupt:
-        raise SystemExit("interrupted: finished batches are saved; re-run the same command to resume") from None
+        print("interrupted: finished batches are saved; re-run the same command to resume", file=sys.stderr)
+        raise SystemExit(130) from None
