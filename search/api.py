@@ -55,6 +55,17 @@ def get_data_args_parser(add_help=False):
     return p
 
 
+def data_args_problem(args):
+    """First problem with the shared search flags (None: fine); api.py and the web UIs refuse it in one line."""
+    for k in ("ef_search", "nprobe", "threads", "search_threads"):
+        v = getattr(args, k, None)
+        if v is not None and v < 1:
+            return f"--{k} must be >= 1, got {v}"
+    if getattr(args, "image_root", "") and not os.path.isdir(args.image_root):
+        return f"--image-root {args.image_root}: no such folder (the printed image paths would lead nowhere)"
+    return None
+
+
 def get_onnx_model_args_parser(add_help=False):
     p = argparse.ArgumentParser("onnx text model", add_help=add_help)
     p.add_argument("--text-model", "--text_model", dest="text_model", default=None,
@@ -166,8 +177,8 @@ def main(args):
         fail("pass at least one query: --queries \"a man in a red coat\" ...")
     if args.top_n < 1:
         fail(f"--top-n must be >= 1, got {args.top_n}")
-    if args.image_root and not os.path.isdir(args.image_root):
-        fail(f"--image-root {args.image_root}: no such folder (the printed image paths would lead nowhere)")
+    if data_args_problem(args):
+        fail(data_args_problem(args))
     try:
         enc = TextEncoder(args.model_dir, args.text_model, threads=args.threads)
         s = Searcher(enc, args.image_feature, args.image_metadata, args.image_root, args.index, args.ef_search,

@@ -242,6 +242,13 @@ def _lock(prefix):
     return f
 
 
+def check_args(args):
+    if args.batch_size < 1 or args.checkpoint_every < 1 or args.workers < 1 or (getattr(args, "threads", 0) or 1) < 1:
+        raise EnrolError("--batch_size, --checkpoint_every, --workers and --threads must be >= 1")
+    if not math.isfinite(getattr(args, "min_score", 0.0)):
+        raise EnrolError(f"--min_score must be a finite number, got {args.min_score}")
+
+
 def run_enrolment(args, encoder, log=None):
     """encoder: .model_record (dict with kind/signature/space/dim), .dim, .prepare(img, bbox) -> payload,
     .embed(list of payloads) -> float32 [B,D] unit norm. Returns a stats dict."""
@@ -249,8 +256,7 @@ def run_enrolment(args, encoder, log=None):
     image_dir = args.image_dir
     if not os.path.isdir(image_dir):
         raise EnrolError(f"--image-dir {image_dir}: not a directory")
-    if args.batch_size < 1 or args.checkpoint_every < 1 or args.workers < 1:
-        raise EnrolError("--batch_size, --checkpoint_every and --workers must be >= 1")
+    check_args(args)
     boxes, invalid = (load_boxes(args.boxes, image_dir, args.min_score) if args.boxes else (None, 0))
     tasks, stats = plan(image_dir, boxes)
     stats["invalid_boxes"] = invalid
@@ -369,6 +375,7 @@ def main_common(args, make_encoder):
     from search.index import choose_index, get_index
 
     try:
+        check_args(args)  # before the (possibly large) model loads
         encoder = make_encoder(args)
         stats = run_enrolment(args, encoder)
         print(summary_line(stats, args.output_prefix), flush=True)

@@ -342,8 +342,10 @@ def serve_in_thread(srv):
 
 def main_serve(args, encoder, title):
     """Shared main of app_onnx.py / app_siglip.py (after the encoder is built)."""
-    from search.api import Searcher
+    from search.api import Searcher, data_args_problem
 
+    if data_args_problem(args):
+        raise ValueError(data_args_problem(args))
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be 0..65535, got {args.port}")
     if not args.image_root or not os.path.isdir(args.image_root):
