@@ -245,7 +245,56 @@ def test_truncated_cache_is_refused_or_repaired_never_grown(cache, synth_data, t
     assert f.read_bytes()[:full - 41 * row] == before[:full - 41 * row]  # intact rows kept byte for byte
 
 
+@pytest.fixture(scope="module")
+def tiny_siglip(tmp_path_factory):
+    """A tiny random SigLIP saved like a hub checkpoint: a real image teacher for extraction (seconds on a CPU)."""
+    import transformers as T
+    from test_extract import _tokenizer
+    torch.manual_seed(0)
+    p = tmp_path_factory.mktemp("teacher") / "siglip-tiny"
+    text = dict(vocab_size=80, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=64)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=8)
+    T.SiglipModel(T.SiglipConfig(text_config=text, vision_config=vision)).save_pretrained(p)
+    T.SiglipProcessor(T.SiglipImageProcessor(size={"height": 32, "width": 32}), _tokenizer()).save_pretrained(p)
+    return p
+
+
+def test_extraction_resume_recomputes_a_truncated_field(tiny_siglip, synth_data, tmp_path, capsys):
+    from test_extract import extract, subset
+    dj = subset(synth_data, tmp_path / "d", 6)
+    emb = tmp_path / "emb"
+    with deadline(120):
+        extract(dj, emb, tiny_siglip, "--fields", "image")
+    f = emb / "image.npy"
+    full, before = f.stat().st_size, f.read_bytes()
+    row = 2 * json.loads((emb / "manifest.json").read_text())["dim"]
+    os.truncate(f, full - 2 * row)  # a copy cut short: the last 2 rows are gone
+    capsys.readouterr()
+    with deadline(120):
+        res = extract(dj, emb, tiny_siglip, "--fields", "image")
+    assert "2 rows marked done were lost and are marked not done" in capsys.readouterr().err
+    assert res["computed"]["image"] == 2  # exactly the lost rows, nothing else
+    assert f.read_bytes() == before  # same teacher, same images: the file is whole again, byte for byte
+    assert EmbeddingCache.open(emb).done("image").all()
+
+
 # ================================================================================================ 3. hangs
+def test_fifo_in_image_teacher_extraction(tiny_siglip, synth_data, tmp_path):
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("no FIFOs on this platform")
+    from test_extract import extract, subset
+    dj = subset(synth_data, tmp_path / "d", 4)
+    recs = data_lib.load_records(dj)
+    os.remove(recs[2]["image_path"])
+    os.mkfifo(recs[2]["image_path"])
+    with deadline(120):  # Image.open on the FIFO blocked forever before
+        res = extract(dj, tmp_path / "emb", tiny_siglip, "--fields", "image")
+    assert res["n_corrupt"] == 1 and res["computed"]["image"] == 3
+    assert EmbeddingCache.open(tmp_path / "emb").done("image").tolist() == [True, True, False, True]
+
+
 def test_fifo_named_jpg_never_hangs(synth_data, tmp_path, capsys):
     if not hasattr(os, "mkfifo"):
         pytest.skip("no FIFOs on this platform")
