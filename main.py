@@ -236,7 +236,7 @@ def build_data(args, records, cache):
     test_idx = [i for i in test_idx if i in ok]
     if len(train_idx) < args.batch_size * args.world_size:
         fail(f"{len(train_idx)} usable training images is fewer than one global batch "
-                         f"({args.batch_size} x {args.world_size}); lower --batch_size")
+             f"({args.batch_size} x {args.world_size}); lower --batch_size")
     ds = data_lib.DistillDataset(records, train_idx, cache=cache, image_size=args.image_size, train=True,
                                  max_seq_length=args.max_seq_length, vocab_size=args.vocab_size,
                                  compose_prob=args.compose_prob, compose_zh_prob=args.compose_zh_prob,

@@ -62,7 +62,7 @@ def data_args_problem(args):
         if v is not None and v < 1:
             return f"--{k} must be >= 1, got {v}"
     if getattr(args, "image_root", "") and not os.path.isdir(args.image_root):
-        return f"--image-root {args.image_root}: no such folder (the printed image paths would lead nowhere)"
+        return f"--image-root {args.image_root}: no such folder (the image paths would lead nowhere)"
     return None
 
 

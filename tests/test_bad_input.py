@@ -548,7 +548,7 @@ def test_other_one_line_cases(synth_data, gallery, tmp_path):
     r = run_py(base)
     one_line_error(r.returncode, r.stderr, "--image-root is required")
     r = run_py(base + ["--image-root", tmp_path / "nowhere"])
-    one_line_error(r.returncode, r.stderr, "not a folder")
+    one_line_error(r.returncode, r.stderr, "no such folder")
     # the CLI: an image root that does not exist, a features file that does not exist
     r = api(gallery, gallery["features"], image_root=tmp_path / "nowhere")
     one_line_error(r.returncode, r.stderr, "--image-root")
