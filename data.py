@@ -217,7 +217,7 @@ def load_image(path):
 
 
 def _image_status(path, decode):
-    if not os.path.lexists(path):
+    if not os.path.exists(path):  # (a dangling symlink too)
         return "missing"
     if not is_regular_file(path):
         return "corrupt"  # a FIFO/socket/device/folder/dangling link: never opened (a FIFO would hang)

@@ -71,7 +71,7 @@ class ImageRows(Dataset):
         img = data.load_image(self.paths[row])
         if img is not None:
             return row, img, "ok"
-        return row, None, "missing" if not os.path.lexists(self.paths[row]) else "corrupt"
+        return row, None, "missing" if not os.path.exists(self.paths[row]) else "corrupt"
 
 
 class CollateImages:
