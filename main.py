@@ -531,7 +531,11 @@ def main(args):
         if step > 0 and ((args.eval_every and step % args.eval_every == 0) or step >= args.iters):
             if is_main(args):
                 distiller.eval()
-                head = evaluate_heldout(args, model, records, test_idx)
+                try:
+                    head = evaluate_heldout(args, model, records, test_idx)
+                except ValueError as e:  # NaN/inf embeddings: the weights diverged although the loss stayed finite
+                    fail(f"held-out evaluation at iteration {step} failed ({_one_line(e)}); the model diverged - "
+                         f"lower --lr (the last good checkpoint is kept)", code=1)
                 distiller.train()
                 if head:
                     head = {k: v for k, v in head.items() if v is not None}  # unresolvable FAR levels

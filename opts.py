@@ -94,7 +94,7 @@ def get_args_parser(add_help=False):
 
 # ----------------------------------------------------------------------------- validation (before anything is created)
 # Lower bounds of integer flags; a flag the parser does not have is skipped, so new flags only need a line here.
-_INT_MIN = {"batch_size": 1, "iters": 1, "feature_dim": 1, "embed_dim": 1, "max_seq_length": 2,
+_INT_MIN = {"batch_size": 2,  # BatchNorm and the in-batch contrastive terms need two samples "iters": 1, "feature_dim": 1, "embed_dim": 1, "max_seq_length": 2,
             "vocab_size": 0x254,  # search/charmap.py hashes non-Latin code points into rows 0x253 .. vocab_size-1
             "save_every": 1, "log_every": 1, "keep_checkpoints": 1, "max_bad_steps": 1, "instances_per_id": 1,
             "eval_max_images": 1, "rkd_max_rows": 2, "workers": 0, "eval_every": 0, "seed": 0, "memory_size": 0,

@@ -374,7 +374,7 @@ def test_16bit_png_is_scaled_not_saturated(tmp_path):
     assert abs(float(x.mean()) - 0.5) < 0.01
 
 
-BAD_FLAGS = [("--batch_size", "0"), ("--batch_size", "-1"), ("--lr", "nan"), ("--lr", "-1"), ("--save_every", "0"),
+BAD_FLAGS = [("--batch_size", "0"), ("--batch_size", "-1"), ("--batch_size", "1"), ("--lr", "nan"), ("--lr", "-1"), ("--save_every", "0"),
              ("--log_every", "0"), ("--workers", "-1"), ("--feature_dim", "0"), ("--feature_dim", "-1"),
              ("--embed_dim", "0"), ("--max_seq_length", "1"), ("--max_seq_length", "0"), ("--vocab_size", "10"),
              ("--iters", "-5"), ("--eval_every", "-1"), ("--keep_checkpoints", "0"), ("--test_ratio", "2"),
