@@ -80,8 +80,11 @@ def get_args_parser(add_help=False):
 
     g = p.add_argument_group("logging and checkpoints")
     g.add_argument("--output_dir", default="logs", help="runs go to <output_dir>/expModel-<backbone>-<H>x<W>-<dim>/<run>/")
-    g.add_argument("--run_name", default=None, help="run folder name (none: the next free number; with --resume auto: the newest run that has a last.pt)")
-    g.add_argument("--resume", default="", help="'auto' (continue the newest run that has a last.pt; a new run when none has) or a checkpoint path")
+    g.add_argument("--run_name", default=None,
+                   help="run folder name (none: the next free number; with --resume auto: the newest run that has "
+                        "a last.pt)")
+    g.add_argument("--resume", default="",
+                   help="'auto' (continue the newest run that has a last.pt; a new run when none has) or a checkpoint path")
     g.add_argument("--log_every", type=int, default=20, help="log line + TensorBoard scalars every N steps")
     g.add_argument("--save_every", type=int, default=1000, help="checkpoint every N steps (and at the end)")
     g.add_argument("--keep_checkpoints", type=int, default=5, help="numbered checkpoints kept (last.pt and best.pt always)")
@@ -94,7 +97,8 @@ def get_args_parser(add_help=False):
 
 # ----------------------------------------------------------------------------- validation (before anything is created)
 # Lower bounds of integer flags; a flag the parser does not have is skipped, so new flags only need a line here.
-_INT_MIN = {"batch_size": 2,  # BatchNorm and the in-batch contrastive terms need two samples "iters": 1, "feature_dim": 1, "embed_dim": 1, "max_seq_length": 2,
+# batch_size >= 2: BatchNorm and the in-batch contrastive terms need two samples
+_INT_MIN = {"batch_size": 2, "iters": 1, "feature_dim": 1, "embed_dim": 1, "max_seq_length": 2,
             "vocab_size": 0x254,  # search/charmap.py hashes non-Latin code points into rows 0x253 .. vocab_size-1
             "save_every": 1, "log_every": 1, "keep_checkpoints": 1, "max_bad_steps": 1, "instances_per_id": 1,
             "eval_max_images": 1, "rkd_max_rows": 2, "workers": 0, "eval_every": 0, "seed": 0, "memory_size": 0,

@@ -334,7 +334,7 @@ def test_enrolment_skips_fifos_and_outside_links(gallery, tmp_path):
     assert items == {"red.png", "blue.png", "link_in.png"}
 
 
-# ================================================================================================ 4. silent wrong results
+# ======================================================================================== 4. silent wrong results
 def test_bad_rows_and_masks_in_the_teacher_cache(cache, synth_data, tmp_path, capsys):
     emb = tmp_path / "emb"
     shutil.copytree(cache, emb)
@@ -374,8 +374,9 @@ def test_16bit_png_is_scaled_not_saturated(tmp_path):
     assert abs(float(x.mean()) - 0.5) < 0.01
 
 
-BAD_FLAGS = [("--batch_size", "0"), ("--batch_size", "-1"), ("--batch_size", "1"), ("--lr", "nan"), ("--lr", "-1"), ("--save_every", "0"),
-             ("--log_every", "0"), ("--workers", "-1"), ("--feature_dim", "0"), ("--feature_dim", "-1"),
+BAD_FLAGS = [("--batch_size", "0"), ("--batch_size", "-1"), ("--batch_size", "1"), ("--lr", "nan"), ("--lr", "-1"),
+             ("--save_every", "0"), ("--log_every", "0"), ("--workers", "-1"), ("--feature_dim", "0"),
+             ("--feature_dim", "-1"),
              ("--embed_dim", "0"), ("--max_seq_length", "1"), ("--max_seq_length", "0"), ("--vocab_size", "10"),
              ("--iters", "-5"), ("--eval_every", "-1"), ("--keep_checkpoints", "0"), ("--test_ratio", "2"),
              ("--langs", "fr"), ("--text_backbone", "nope"), ("--fd_weight", "-1"), ("--compose_prob", "1.5"),

@@ -353,7 +353,8 @@ def test_evaluation_labels_end_to_end(tmp_path):
     assert "FAR=1e-3" in p.stdout and "Verify Count=" in p.stdout and "Top-3 False Accepted:" in p.stdout
     assert f"\t {records[0]['id']}/imgs/" in p.stdout and re.search(r"\.jpg_caption\d+ ", p.stdout)
     # caption names carry their index within the record, so one image's captions never share a name
-    fr = [ln.split()[1] for ln in p.stdout.split("Top-3 False Rejected:")[1].split("Top-3")[0].splitlines() if ln.strip()]
+    rejected = p.stdout.split("Top-3 False Rejected:")[1].split("Top-3")[0]
+    fr = [ln.split()[1] for ln in rejected.splitlines() if ln.strip()]
     assert len(fr) == len(set(fr))
     res = json.loads(out.read_text())
     # 11 images have an embedding (the last record's does not): its 2 captions only make negatives
