@@ -461,12 +461,13 @@ def main(args):
 
     if is_main(args):
         run_dir.mkdir(parents=True, exist_ok=True)
-        n_stale = remove_stale_tmp(run_dir)
+        # every run of this experiment: a crashed run that is never resumed must not keep 48 MB temp files either
+        n_stale = sum(remove_stale_tmp(d) for d in exp_dir(args).glob("*") if d.is_dir())
     if args.distributed:
         dist.barrier()
     setup_logging(args, run_dir)
     if is_main(args) and n_stale:
-        log.info(f"removed {n_stale} temp file(s) of interrupted saves in {run_dir}")
+        log.info(f"removed {n_stale} temp file(s) of interrupted saves in {exp_dir(args)}")
     if ckpt:
         log.info(f"Resumed from {resume_path} at iteration {state['step']}")
 
