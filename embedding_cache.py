@@ -10,7 +10,7 @@ for the fields image, caption, attributes, prompt_caption.
 Opening checks what it can cheaply: every .npy's byte size against its header and the manifest (a truncated file
 is refused by readers; a writer resuming into it keeps the intact rows, marks the lost ones not done and says
 so, so they are recomputed - it is never grown with zeros behind done marks), and one pass over the rows marked
-done (all of them up to 1 GiB per field, evenly spread blocks beyond): NaN/inf, all-zero or unnormalised rows are
+done (all of them up to 256 MiB per field, evenly spread blocks beyond): NaN/inf, all-zero or unnormalised rows are
 treated as not done, with one warning line (a writer saves that, so a resume recomputes them).
 
 It is written by tools/extract_label.py and read (memory-mapped) by training and evaluation:
@@ -32,7 +32,7 @@ MATCH_KEYS = ("format_version", "teacher", "teacher_kind", "dim", "dtype", "norm
               "dataset_sha256", "counts", "preprocessing")
 
 
-ROW_CHECK_BYTES = 1 << 30  # per field: rows checked in full up to this size, evenly spread blocks beyond
+ROW_CHECK_BYTES = 256 << 20  # per field: rows checked in full up to this size, evenly spread blocks beyond
 _BLOCK_ROWS = 65536
 
 
