@@ -97,6 +97,8 @@ def caption_name(records, offsets, cap):
 def main(args):
     import opts
     opts.validate_args(args)  # the flags this script shares with main.py: same ranges, same messages
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        fail(f"--json {args.json}: its folder does not exist")
     try:
         ckpt = load_checkpoint(args.checkpoint)
     except ValueError as e:
@@ -165,9 +167,12 @@ def main(args):
         out = {"checkpoint": args.checkpoint, "split": args.split, "langs": args.langs,
                "n_images": len(idx), "n_captions": len(emb["cap_texts"]), **metrics.to_jsonable(res)}
         tmp = f"{args.json}.tmp.{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=2)
-        os.replace(tmp, args.json)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(out, f, indent=2)
+            os.replace(tmp, args.json)
+        except OSError as e:
+            fail(f"cannot write {args.json}: {e.strerror or e}")
         print(f"wrote {args.json}")
     return res
 

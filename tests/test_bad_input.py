@@ -468,6 +468,9 @@ def test_dataset_and_cache_errors_are_one_line(synth_data, cache, tmp_path, caps
     one_line_error(code, err, "invalid JSON")
     code, err = run_train(["--data", synth_data, *base, "--batch_size", "500"], capsys)  # fewer images than a batch
     one_line_error(code, err, "fewer than one global batch")
+    code, err = run_train(["--data", synth_data, *base, "--backbone", "tv_resnet18", "--backbone_weights",
+                           Path(cache) / "manifest.json"], capsys)  # ImageNet weights that are not a state_dict
+    one_line_error(code, err, "not a readable torch state_dict")
     assert not (tmp_path / "logs").exists()
 
 
@@ -494,9 +497,11 @@ def test_bad_checkpoints_are_one_line(case, trained, tmp_path, capsys):
         one_line_error(code, err, str(p))
 
 
-def test_missing_checkpoint_exit_code_is_2_everywhere(tmp_path, capsys):
+def test_missing_checkpoint_exit_code_is_2_everywhere(trained, tmp_path, capsys):
     code, err = run_eval([tmp_path / "none.pt"], capsys)
     one_line_error(code, err, "no such checkpoint file")
+    code, err = run_eval([trained["ckpt"], "--json", tmp_path / "no" / "such" / "eval.json"], capsys)
+    one_line_error(code, err, "its folder does not exist")
     code, err = run_export([tmp_path / "none.pt", tmp_path / "out"], capsys)
     one_line_error(code, err, "no such checkpoint file")
 
