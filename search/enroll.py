@@ -128,7 +128,7 @@ def load_boxes(path, image_dir, min_score=0.0):
             raise EnrolError(f"{path}: COCO 'images' and 'annotations' must be lists")
         names = {}
         for im in data["images"]:
-            if isinstance(im, dict) and "id" in im and isinstance(im.get("file_name"), str):
+            if isinstance(im, dict) and isinstance(im.get("id"), (int, str)) and isinstance(im.get("file_name"), str):
                 names[im["id"]] = _norm_rel(im["file_name"], image_dir)
         for a in data["annotations"]:
             if not isinstance(a, dict) or a.get("category_id", PERSON_CATEGORY) != PERSON_CATEGORY:
@@ -137,7 +137,8 @@ def load_boxes(path, image_dir, min_score=0.0):
             if isinstance(score, (int, float)) and score < min_score:
                 continue
             b = _as_box(a.get("bbox"))
-            name = names.get(a.get("image_id"))
+            iid = a.get("image_id")
+            name = names.get(iid) if isinstance(iid, (int, str)) else None  # a list/dict id is malformed
             if b is None or name is None:
                 invalid += 1
                 continue

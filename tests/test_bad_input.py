@@ -560,6 +560,13 @@ def test_other_one_line_cases(synth_data, gallery, tmp_path):
     one_line_error(r.returncode, r.stderr, "--image-root")
     r = api(gallery, tmp_path / "nope_features.npy")
     one_line_error(r.returncode, r.stderr, "features file not found")
+    # COCO boxes with unhashable ids: counted as malformed, not a TypeError
+    boxes = tmp_path / "coco.json"
+    boxes.write_text(json.dumps({"images": [{"id": [1], "file_name": "red.png"}],
+                                 "annotations": [{"image_id": {"a": 1}, "bbox": [0, 0, 5, 5]}]}))
+    r = run_py([ENROL, "--image-dir", gallery["imgs"], "--output-prefix", tmp_path / "cc" / "p", "--model_dir",
+                gallery["export"], "--boxes", boxes])
+    assert r.returncode == 0 and "Traceback" not in r.stderr and "1 malformed box" in r.stdout, r.stderr
     # NaN / Infinity bbox in the metadata: refused in one line (no traceback, no `Infinity` in --json)
     for bad in ("NaN", "Infinity"):
         feats, meta = copy_collection(gallery, tmp_path / bad)
