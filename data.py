@@ -26,7 +26,9 @@ from torch.utils.data import Dataset
 from torchvision import transforms as T
 
 from captions import augment_caption, compose_caption_pair, mentioned_fields
+from cli import fail
 from search.charmap import encode_batch
+from search.imaging import is_regular_file, to_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -105,6 +107,8 @@ def load_records(json_path, image_root=None):
         raw = json.loads(text)
     except json.JSONDecodeError as e:
         raise DatasetError(_syntax_error(path, text, e)) from None
+    except RecursionError:  # e.g. [[[[...]]]] thousands deep: the decoder recurses per level
+        raise DatasetError(f"{path}: JSON nested too deeply to be a dataset") from None
     del text
     if not isinstance(raw, list):
         raise DatasetError(f"{path}: expected a JSON list of records, got {type(raw).__name__}")
@@ -121,6 +125,8 @@ def load_records(json_path, image_root=None):
         pid = rec.get("id")
         if type(pid) is not int:  # bool is an int subclass, and 3.0 / "3" are not ids
             raise DatasetError(f"{path}: record {i}: 'id' must be an integer, got {pid!r:.40}")
+        if not -2 ** 63 < pid < 2 ** 63:  # ids live in int64 arrays (metrics, samplers); JSON has no bound
+            raise DatasetError(f"{path}: record {i}: 'id' {pid:.3g} does not fit in 64 bits")
         captions = _str_list(rec, "captions", path, i, required=True)
         captions_zh = _str_list(rec, "captions_zh", path, i, required=False)
         if captions_zh and len(captions_zh) != len(captions):
@@ -205,18 +211,23 @@ def split_records(records, test_ratio=0.1, split="train", val_ratio=0.0):
 # images
 
 def load_image(path):
-    """PIL RGB image, or None when the file is missing, empty, truncated or otherwise undecodable."""
+    """PIL RGB image, or None when the file is missing, not a regular file (a FIFO would block open() forever),
+    empty, truncated or otherwise undecodable. 16-bit images are scaled to 8 bits, not clipped (search.imaging)."""
+    if not is_regular_file(path):
+        return None
     try:
         with Image.open(path) as im:
             im.load()  # decode now: a truncated JPEG must fail here, not later inside a DataLoader worker
-            return im.convert("RGB")
+            return to_rgb(im)
     except Exception:  # PIL raises OSError, SyntaxError, struct.error, ... on bad files; all mean "skip it"
         return None
 
 
 def _image_status(path, decode):
-    if not os.path.isfile(path):
+    if not os.path.exists(path):  # (a dangling symlink too)
         return "missing"
+    if not is_regular_file(path):
+        return "corrupt"  # a FIFO/socket/device/folder/dangling link: never opened (a FIFO would hang)
     if os.path.getsize(path) == 0:
         return "corrupt"
     if decode:
@@ -252,7 +263,7 @@ class ToRGB:
     """PIL -> RGB (a class, not a lambda, so transforms pickle into DataLoader workers)."""
 
     def __call__(self, img):
-        return img.convert("RGB")
+        return to_rgb(img)
 
 
 class RandomScaleShift:
@@ -460,7 +471,7 @@ def main(args):
         records = load_records(args.data, args.image_root)
         train, test = (split_records(records, args.test_ratio, s) for s in ("train", "test"))
     except (DatasetError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(f"{e}")
     n_zh = sum(len(r["captions_zh"]) for r in records)
     print(f"{args.data}: {len(records)} images, {len({r['id'] for r in records})} identities, "
           f"{len(caption_rows(records)) - n_zh} en + {n_zh} zh captions, "

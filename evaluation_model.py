@@ -22,6 +22,7 @@ import torch
 import data as data_lib
 import metrics
 from checkpoint import load_checkpoint
+from cli import HelpFormatter, fail
 from model import build_model
 from search.charmap import encode_batch
 
@@ -68,6 +69,7 @@ def embed_split(model, records, indices, cfg, device="cpu", langs=("en",), batch
     indices = list(indices)
     pos = {r: k for k, r in enumerate(indices)}
     caps = data_lib.eval_captions(records, indices, langs=langs)
+    offsets = data_lib.caption_offsets(records)
     out = {
         "img_records": indices,
         "img_pids": np.array([records[i]["id"] for i in indices], np.int64),
@@ -75,7 +77,7 @@ def embed_split(model, records, indices, cfg, device="cpu", langs=("en",), batch
         "cap_rows": np.array([c[0] for c in caps], np.int64),
         "cap_pids": np.array([c[1] for c in caps], np.int64),
         "cap_img_index": np.array([pos[c[2]] for c in caps], np.int64),
-        "cap_names": [f"{records[c[2]]['id']}/{records[c[2]]['file_path']}_caption" for c in caps],
+        "cap_names": [caption_name(records, offsets, c) for c in caps],
         "cap_texts": [c[3] for c in caps],
     }
     if images and not model.text_only:
@@ -90,22 +92,45 @@ def embed_split(model, records, indices, cfg, device="cpu", langs=("en",), batch
     return out
 
 
+def caption_name(records, offsets, cap):
+    """`<id>/<file_path>_caption<k>`, k = the caption's index within its record (en first, then zh): unique, so
+    an image's two captions never print as the same name in the error lists."""
+    row, _, r = cap[0], cap[1], cap[2]
+    return f"{records[r]['id']}/{records[r]['file_path']}_caption{int(row - offsets[r])}"
+
+
 def main(args):
+    import opts
+    opts.validate_args(args)  # the flags this script shares with main.py: same ranges, same messages
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        fail(f"--json {args.json}: its folder does not exist")
     try:
         ckpt = load_checkpoint(args.checkpoint)
     except ValueError as e:
-        raise SystemExit(f"error: {e}")
+        fail(e)
     targs, cfg = ckpt.get("args", {}), ckpt["model_cfg"]
+    if not isinstance(targs, dict):
+        targs = {}
     data_json = args.data or targs.get("data")
     image_root = args.image_root or targs.get("image_root")
     test_ratio = args.test_ratio if args.test_ratio is not None else targs.get("test_ratio", 0.1)
+    if type(test_ratio) not in (int, float) or not 0 <= test_ratio <= 1:
+        fail(f"{args.checkpoint}: its test_ratio {test_ratio!r:.40} is not a number in [0, 1]; pass --test_ratio")
+    if not isinstance(data_json, (str, type(None))) or not isinstance(image_root, (str, type(None))):
+        fail(f"{args.checkpoint}: its data / image_root are not paths; pass --data and --image_root")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if not data_json:
+        fail(f"{args.checkpoint}: records no dataset; pass --data")
     try:
         records = data_lib.load_records(data_json, image_root)
     except (ValueError, OSError) as e:
-        raise SystemExit(f"error: {e}")
-    model = build_model(cfg)
-    model.load_state_dict(ckpt["model"])
+        fail(e)
+    try:  # cfg and weights come from the file: any inconsistency is one line, not a traceback
+        model = build_model(cfg)
+        model.load_state_dict(ckpt["model"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
+        fail(f"{args.checkpoint}: cannot rebuild the model from it: {' '.join(lines[:2])[:300]}")
     model.to(device).eval()
 
     idx = list(range(len(records))) if args.split == "all" else data_lib.split_records(records, test_ratio, "test")
@@ -116,7 +141,7 @@ def main(args):
         try:
             cache = EmbeddingCache.open(args.embedding_path or targs.get("embedding_path"), data_json)
         except (ValueError, OSError) as e:
-            raise SystemExit(f"error: {e}")
+            fail(e)
         done = cache.done("image")
         idx = [i for i in idx if done[i]]
         teacher_cache = cache
@@ -126,14 +151,14 @@ def main(args):
             print(data_lib.format_skip_summary(n_missing, n_corrupt))
         idx = [idx[k] for k in ok]
     if not idx:
-        raise SystemExit("error: no evaluable images in the selected split")
+        fail("no evaluable images in the selected split")
     langs = tuple(s for s in args.langs.split(",") if s)
     emb = embed_split(model, records, idx, cfg, device=device, langs=langs, batch_size=args.batch_size,
                       workers=args.workers)
     if teacher_cache is not None:
         emb["img_emb"] = np.asarray(teacher_cache.array("image")[idx], dtype=np.float32)
     if len(emb["cap_texts"]) == 0:
-        raise SystemExit(f"error: the selected split has no captions in languages {args.langs}")
+        fail(f"the selected split has no captions in languages {args.langs}")
     print(f"{len(idx)} images, {len(emb['cap_texts'])} captions ({args.langs}), "
           f"{len(set(emb['img_pids'].tolist()))} identities, split={args.split}")
     res = metrics.evaluate_embeddings(emb["img_emb"], emb["cap_emb"], emb["cap_img_index"], emb["img_pids"],
@@ -149,9 +174,12 @@ def main(args):
         out = {"checkpoint": args.checkpoint, "split": args.split, "langs": args.langs,
                "n_images": len(idx), "n_captions": len(emb["cap_texts"]), **metrics.to_jsonable(res)}
         tmp = f"{args.json}.tmp.{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=2)
-        os.replace(tmp, args.json)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(out, f, indent=2)
+            os.replace(tmp, args.json)
+        except OSError as e:
+            fail(f"cannot write {args.json}: {e.strerror or e}")
         print(f"wrote {args.json}")
     return res
 
@@ -227,5 +255,5 @@ def save_plots(out, curves, rows, run_dir, step):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser("evaluation_model.py", parents=[get_args_parser()], description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     main(parser.parse_args())

@@ -1189,6 +1189,12 @@ def export(args):
 
 def main(args):
     import torch
+    from torch.onnx import _constants as onnx_c  # the opsets this torch's exporters can write
+    lo, hi = (18, onnx_c.ONNX_MAX_OPSET) if args.exporter == "dynamo" else \
+        (13, getattr(onnx_c, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20))
+    if not lo <= args.opset <= hi:
+        print(f"error: --opset must be {lo}..{hi} for --exporter {args.exporter}, got {args.opset}", file=sys.stderr)
+        raise SystemExit(2)
     try:
         with torch.no_grad():
             export(args)

@@ -36,6 +36,7 @@ import metrics
 import opts
 from captions import AttributeVocab
 from checkpoint import load_checkpoint, save_checkpoint
+from cli import HelpFormatter, fail
 from embedding_cache import EmbeddingCache
 from model import build_model, default_model_cfg
 
@@ -69,17 +70,21 @@ def is_main(args):
     return args.rank == 0
 
 
-def setup_logging(args, run_dir):
+def setup_logging(args, run_dir=None):
+    """Console first (run_dir None: nothing is created before the inputs are checked), then the run's train.log."""
     fmt = logging.Formatter("%(asctime)s-%(levelname)s:%(message)s")
-    log.handlers.clear()
-    log.propagate = False
+    if run_dir is None:
+        log.handlers.clear()
+        log.propagate = False
     if not is_main(args):  # only rank 0 prints and logs
         log.addHandler(logging.NullHandler())
         return
     log.setLevel(logging.INFO)
-    sh = logging.StreamHandler(sys.stdout)
-    sh.setFormatter(fmt)
-    log.addHandler(sh)
+    if run_dir is None:
+        sh = logging.StreamHandler(sys.stdout)
+        sh.setFormatter(fmt)
+        log.addHandler(sh)
+        return
     fh = logging.FileHandler(run_dir / "train.log")
     fh.setFormatter(fmt)
     log.addHandler(fh)
@@ -93,14 +98,44 @@ def exp_dir(args):
 
 
 def choose_run_dir(args):
-    """Next free number for a new run; the newest run for --resume auto (so a restart continues it)."""
+    """Next free number for a new run; for --resume auto the newest run that has a last.pt (a launch that failed
+    before its first checkpoint must not hide the run it was meant to continue)."""
     root = exp_dir(args)
     if args.run_name:
         return root / str(args.run_name)
     nums = sorted(int(p.name) for p in root.glob("*") if p.is_dir() and p.name.isdigit()) if root.exists() else []
-    if args.resume == "auto" and nums:
-        return root / str(nums[-1])
+    resumable = [n for n in nums if (root / str(n) / "last.pt").is_file()]
+    if args.resume == "auto" and resumable:
+        return root / str(resumable[-1])
     return root / str((nums[-1] + 1) if nums else 1)
+
+
+def remove_stale_tmp(run_dir):
+    """Temp files of saves that were killed (`N.pt.tmp.PID` of a process that no longer runs) -> removed count."""
+    n = 0
+    for p in run_dir.glob("*.tmp.*"):
+        pid = p.name.rsplit(".tmp.", 1)[-1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # its writer is alive (e.g. another rank): leave it
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue
+        p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+def _one_line(e):
+    """First line of an exception (load_state_dict's messages span many lines)."""
+    if isinstance(e, KeyError):
+        return f"missing key {e}"
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
+    text = lines[0] + (" " + lines[1] if lines[0].endswith(":") and len(lines) > 1 else "")
+    return text[:300]
 
 
 def find_resume(args, run_dir):
@@ -110,7 +145,7 @@ def find_resume(args, run_dir):
     if args.resume:
         p = Path(args.resume)
         if not p.exists():
-            raise SystemExit(f"error: --resume {args.resume}: no such checkpoint")
+            fail(f"--resume {args.resume}: no such checkpoint")
         return p
     return None
 
@@ -207,8 +242,8 @@ def build_data(args, records, cache):
         vocab = AttributeVocab.build(records[i]["attributes"] for i in train_idx)
         vocab = vocab if len(vocab) else None  # no attributes in this dataset: no attribute terms
     if len(train_idx) < args.batch_size * args.world_size:
-        raise SystemExit(f"error: {len(train_idx)} usable training images is fewer than one global batch "
-                         f"({args.batch_size} x {args.world_size}); lower --batch_size")
+        fail(f"{len(train_idx)} usable training images is fewer than one global batch "
+             f"({args.batch_size} x {args.world_size}); lower --batch_size")
     ds = data_lib.DistillDataset(records, train_idx, cache=cache, image_size=args.image_size, train=True,
                                  max_seq_length=args.max_seq_length, vocab_size=args.vocab_size,
                                  compose_prob=args.compose_prob, compose_zh_prob=args.compose_zh_prob,
@@ -366,6 +401,8 @@ def train_one_epoch(args, state, loader, distiller, optimizer, scheduler, scaler
         scheduler.step()
         state["step"] = step = step + 1
         ctx["compute_time"] += time.time() - t0
+        if ctx.get("bar") is not None:
+            ctx["bar"].update(1)
 
         values = {k: v.item() for k, v in terms.items()}
         values["total"] = total.item()
@@ -387,73 +424,99 @@ def train_one_epoch(args, state, loader, distiller, optimizer, scheduler, scaler
 
 
 def main(args):
+    opts.validate_args(args)  # every flag checked before anything is loaded or created
     if args.warmup < 0:  # auto: a tenth of a short run, at most 500 steps (a fixed 500 would never end in 200 iters)
         args.warmup = min(500, args.iters // 10)
     init_distributed(args)
-    run_dir = choose_run_dir(args)
-    if args.distributed:
-        obj = [str(run_dir)]
-        dist.broadcast_object_list(obj, src=0)
-        run_dir = Path(obj[0])
-    if is_main(args):
-        run_dir.mkdir(parents=True, exist_ok=True)
-    if args.distributed:
-        dist.barrier()
-    setup_logging(args, run_dir)
+    setup_logging(args)  # console only: no run folder exists until the inputs below are known to be usable
 
     # ---- data and teacher cache
     try:
         records = data_lib.load_records(args.data, args.image_root)
         cache = EmbeddingCache.open(args.embedding_path, args.data)
     except (ValueError, FileNotFoundError, OSError) as e:
-        raise SystemExit(f"error: {e}")
+        fail(e)
+    n_done = {f: int(cache.done(f).sum()) for f in ("image", "caption")}
+    if not any(n_done.values()):
+        fail(f"{args.embedding_path}: no image or caption row has a teacher embedding (done masks all false); every "
+             f"distillation term would be 0 - run tools/extract_label.py to fill the cache")
+    for f, n in n_done.items():
+        if n == 0 and not (f == "image" and args.text_only):
+            log.warning(f"warning: {args.embedding_path}: no {f} row has a teacher embedding; the {f}-side "
+                        f"distillation terms will be 0")
     teacher_dim = cache.dim
     if args.text_only:
         args.feature_dim = teacher_dim
-    ds, sampler, train_idx, val_idx, attr_vocab = build_data(args, records, cache)
+    try:  # DatasetError / CacheMismatchError: one line, not a traceback from inside the dataset
+        ds, sampler, train_idx, val_idx, attr_vocab = build_data(args, records, cache)
+    except ValueError as e:
+        fail(e)
 
-    # ---- resume or fresh start
+    # ---- resume or fresh start (checked before the run folder is created)
+    run_dir = choose_run_dir(args)
+    if args.distributed:
+        obj = [str(run_dir)]
+        dist.broadcast_object_list(obj, src=0)
+        run_dir = Path(obj[0])
     resume_path = find_resume(args, run_dir)
     ckpt = None
     if resume_path is not None:
         try:
             ckpt = load_checkpoint(resume_path)
         except ValueError as e:
-            raise SystemExit(f"error: {e}")
+            fail(e)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    model_cfg = ckpt["model_cfg"] if ckpt else default_model_cfg(args, teacher_dim, cache.manifest.get("teacher", ""))
-    model = build_model(model_cfg, backbone_weights=None if ckpt else args.backbone_weights)
-    if args.distributed and args.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    criterion = losses.build_criterion(args, model_cfg["feature_dim"], teacher_dim,
-                                       attr_words=len(attr_vocab) if attr_vocab else 0)
-    device = torch.device(args.device)
-    image_dtype, text_dtype = amp_plan(args)
-    channels_last = use_channels_last(args) and not model.text_only
-    if channels_last:  # oneDNN / cuDNN convolutions: float32 channels-last ran ~1.5x faster on a CPU here
-        model = model.to(memory_format=torch.channels_last)
-    distiller = Distiller(model, criterion, image_dtype, text_dtype, channels_last).to(device)
+    try:  # a checkpoint's cfg/state can be wrong in many ways: each is one line naming the file
+        model_cfg = ckpt["model_cfg"] if ckpt else default_model_cfg(args, teacher_dim,
+                                                                     cache.manifest.get("teacher", ""))
+        model = build_model(model_cfg, backbone_weights=None if ckpt else args.backbone_weights)
+        if args.distributed and args.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        criterion = losses.build_criterion(args, model_cfg["feature_dim"], teacher_dim,
+                                           attr_words=len(attr_vocab) if attr_vocab else 0)
+        device = torch.device(args.device)
+        image_dtype, text_dtype = amp_plan(args)
+        channels_last = use_channels_last(args) and not model.text_only
+        if channels_last:  # oneDNN / cuDNN convolutions: float32 channels-last ran ~1.5x faster on a CPU here
+            model = model.to(memory_format=torch.channels_last)
+        distiller = Distiller(model, criterion, image_dtype, text_dtype, channels_last).to(device)
 
-    optimizer = torch.optim.AdamW(param_groups(distiller, args.weight_decay), lr=args.lr, betas=(0.9, 0.98))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_factory(args))
-    dtype = amp_dtype(args)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    state = {"step": 0, "batches": 0, "bad_steps": 0, "bad_total": 0, "best_r1": -1.0}
+        optimizer = torch.optim.AdamW(param_groups(distiller, args.weight_decay), lr=args.lr, betas=(0.9, 0.98))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_factory(args))
+        dtype = amp_dtype(args)
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        state = {"step": 0, "batches": 0, "bad_steps": 0, "bad_total": 0, "best_r1": -1.0}
+        if ckpt:
+            if type(ckpt.get("step")) is not int or ckpt["step"] < 0:
+                raise ValueError(f"'step' must be a non-negative integer, got {ckpt.get('step')!r:.40}")
+            model.load_state_dict(ckpt["model"])
+            criterion.load_state_dict(ckpt["criterion"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            if ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+            state.update(ckpt.get("state", {}))
+            state["step"] = ckpt["step"]
+            rng = ckpt.get("rng") or {}
+            if "torch" in rng:
+                torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(list(rng["cuda"]))
+    except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
+        where = f"{resume_path}: cannot resume from this checkpoint" if ckpt else "cannot build the model"
+        fail(f"{where}: {_one_line(e)}")
+
+    if is_main(args):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # every run of this experiment: a crashed run that is never resumed must not keep 48 MB temp files either
+        n_stale = sum(remove_stale_tmp(d) for d in exp_dir(args).glob("*") if d.is_dir())
+    if args.distributed:
+        dist.barrier()
+    setup_logging(args, run_dir)
+    if is_main(args) and n_stale:
+        log.info(f"removed {n_stale} temp file(s) of interrupted saves in {exp_dir(args)}")
     if ckpt:
-        model.load_state_dict(ckpt["model"])
-        criterion.load_state_dict(ckpt["criterion"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        state.update(ckpt.get("state", {}))
-        state["step"] = int(ckpt["step"])
-        rng = ckpt.get("rng") or {}
-        if "torch" in rng:
-            torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(list(rng["cuda"]))
         log.info(f"Resumed from {resume_path} at iteration {state['step']}")
 
     n_params = sum(p.numel() for p in model.parameters())
@@ -479,6 +542,10 @@ def main(args):
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(run_dir))
     ctx = {"hist": {}, "data_time": 0.0, "compute_time": 0.0}
+    if is_main(args):  # rate and ETA on stderr; the log lines stay on stdout and in train.log
+        from tqdm import tqdm
+        ctx["bar"] = tqdm(total=args.iters, initial=state["step"], unit="step", dynamic_ncols=True,
+                          mininterval=1.0 if sys.stderr.isatty() else 30.0)
     bpe = sampler.batches_per_epoch
     t_start, step_start = time.time(), state["step"]
 
@@ -511,13 +578,17 @@ def main(args):
         train_one_epoch(args, state, make_loader(args, ds, sampler), train_module, optimizer, scheduler, scaler,
                         writer, ctx)
         if state["batches"] == before:
-            raise SystemExit("error: the training loader produced no batch; check --batch_size and the data")
+            fail("the training loader produced no batch; check --batch_size and the data")
         step = state["step"]
         is_best = False
         if step > 0 and ((args.eval_every and step % args.eval_every == 0) or step >= args.iters):
             if is_main(args):
                 distiller.eval()
-                head = evaluate_heldout(args, model, records, val_idx)
+                try:
+                    head = evaluate_heldout(args, model, records, val_idx)
+                except ValueError as e:  # NaN/inf embeddings: the weights diverged although the loss stayed finite
+                    fail(f"validation at iteration {step} failed ({_one_line(e)}); the model diverged - "
+                         f"lower --lr (the last good checkpoint is kept)", code=1)
                 distiller.train()
                 if head:
                     head = {k: v for k, v in head.items() if v is not None}  # unresolvable FAR levels
@@ -532,6 +603,7 @@ def main(args):
             save(tag_best=is_best)
 
     if is_main(args):
+        ctx["bar"].close()
         secs = time.time() - t_start
         steps = state["step"] - step_start
         busy = ctx["data_time"] + ctx["compute_time"]
@@ -546,5 +618,9 @@ def main(args):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser("main.py", parents=[opts.get_args_parser()], description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    main(parser.parse_args())
+                                     formatter_class=HelpFormatter)
+    try:
+        main(parser.parse_args())
+    except KeyboardInterrupt:
+        print("interrupted: the newest checkpoint is kept; continue with --resume auto", file=sys.stderr)
+        raise SystemExit(130) from None

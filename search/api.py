@@ -1,11 +1,11 @@
 r"""Text -> person search over an enrolled collection, from the command line (and the `Searcher` class).
 
     cd search
-    python api.py --image-root xm_images --image_feature collection/person_features_features.npy \
-        --image_metadata collection/person_features_metadata.json \
+    python api.py --image-root xm_images --image_feature collection/person_features.npy \
+        --image_metadata collection/person_metadata.json \
         --queries "a girl wearing red coat" "a man wearing a gray pants" --top-n 2 --model_dir ../export
     # from the repo root, a machine-readable answer:
-    python search/api.py --image-root xm_images --image_feature collection/person_features_features.npy \
+    python search/api.py --image-root xm_images --image_feature collection/person_features.npy \
         --text-model export/model_text.onnx --queries "穿红色外套的女孩" --top-n 5 --json
     # a Milvus collection (Milvus Lite file or http://host:19530), one camera folder (search/backends.py)
     python search/api.py --backend milvus --uri collection/gallery.db --collection frames --model_dir export \
@@ -33,11 +33,12 @@ import os  # noqa: E402
 import time  # noqa: E402
 
 from search.backends import FaissStore, add_backend_args, open_store  # noqa: E402
+from search.charmap import printable  # noqa: E402
 from search.collection import CollectionError  # noqa: E402
 from search.engine import ExportError, TextEncoder  # noqa: E402
 from search.index import INDEX_TYPES  # noqa: E402
 
-DEFAULT_FEATURES = "collection/person_features_features.npy"
+DEFAULT_FEATURES = "collection/person_features.npy"  # enrolment's default prefix collection/person + _features.npy
 
 
 def get_data_args_parser(add_help=False):
@@ -61,6 +62,20 @@ def get_data_args_parser(add_help=False):
     return p
 
 
+def data_args_problem(args):
+    """First problem with the shared search flags (None: fine); api.py and the web UIs refuse it in one line."""
+    for k in ("ef_search", "nprobe", "threads", "search_threads"):
+        v = getattr(args, k, None)
+        if v is not None and v < 1:
+            return f"--{k} must be >= 1, got {v}"
+    rt = getattr(args, "recall_target", None)
+    if rt is not None and not 0 < rt <= 1:  # also refuses nan
+        return f"--recall_target must be in (0, 1], got {rt}"
+    if getattr(args, "image_root", "") and not os.path.isdir(args.image_root):
+        return f"--image-root {args.image_root}: no such folder (the image paths would lead nowhere)"
+    return None
+
+
 def get_onnx_model_args_parser(add_help=False):
     p = argparse.ArgumentParser("onnx text model", add_help=add_help)
     p.add_argument("--text-model", "--text_model", dest="text_model", default=None,
@@ -81,7 +96,7 @@ def get_args_parser(add_help=True):
 
 def display(text, limit=200):
     """A query as printed: control characters escaped (no terminal escape injection), long ones shortened."""
-    s = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+    s = printable(text)
     return s if len(s) <= limit else s[:limit] + f"... ({len(text)} characters)"
 
 
@@ -157,7 +172,7 @@ def format_result(res):
     for r in res["results"]:
         b = r["bbox"]
         lines.append(f"{r['rank']}. Score: {r['score']:.4f}")
-        lines.append(f"   Image: {r['path']}")
+        lines.append(f"   Image: {display(r['path'], limit=1000)}")  # names come from files: no raw escapes
         lines.append(f"   BBox: {[int(round(v)) for v in b] if b is not None else 'None (whole image)'}")
     lines.append("")
     return "\n".join(lines)
@@ -177,6 +192,8 @@ def main(args):
         fail("pass at least one query: --queries \"a man in a red coat\" ...")
     if args.top_n < 1:
         fail(f"--top-n must be >= 1, got {args.top_n}")
+    if data_args_problem(args):
+        fail(data_args_problem(args))
     try:
         enc = TextEncoder(args.model_dir, args.text_model, threads=args.threads)
         store = open_store(args, log=lambda m: print(m, file=sys.stderr, flush=True))
@@ -193,7 +210,7 @@ def main(args):
         doc = {"collection": {"features": args.image_feature, "rows": len(s), "dim": s.collection.dim,
                               "model": s.collection.model, "index": s.index.kind, "backend": s.store.backend},
                "text_model": enc.name, "warnings": s.warnings, "queries": results}
-        print(json.dumps(doc, ensure_ascii=False, indent=1))
+        print(json.dumps(doc, ensure_ascii=False, indent=1, allow_nan=False))
     else:
         for r in results:
             print(format_result(r))

@@ -158,3 +158,10 @@ def load_table(path):
     if arr.dtype not in (np.float32, np.float16) or arr.ndim != 2:
         raise ValueError(f"{path}: table must be float32 or float16 [V,E], got {arr.dtype} {list(arr.shape)}")
     return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def printable(s) -> str:
+    """`s` safe to print on a terminal: non-printable characters (ANSI escapes, newlines, bidi controls) are shown
+    as Python escapes (\\x1b, \\n, \\u202e), so names read from files cannot move the cursor or fake output lines."""
+    s = str(s)
+    return s if s.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in s)

@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from search.charmap import CHARMAP_VERSION, encode_batch, load_table, lookup, normalize_text
+from search.imaging import to_rgb
 
 MODEL_INFO = "model_info.json"
 
@@ -58,7 +59,7 @@ def load_export(model_dir):
         raise ExportError(f"{f}: not found (is {d} a folder written by export_model.py?)")
     try:
         info = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ExportError(f"{f}: unreadable model info ({e.__class__.__name__}: {e})") from None
     if not isinstance(info, dict):
         raise ExportError(f"{f}: expected a JSON object")
@@ -171,8 +172,8 @@ def clip_bbox(bbox, width, height):
 
 def preprocess(img, bbox, image_size, mean, std):
     """PIL image (+ optional bbox) -> float32 [3,H,W]. Exactly the training eval transform (data.py):
-    .convert("RGB"), crop, .resize((W,H), BILINEAR), /255, (x-mean)/std, CHW."""
-    img = img.convert("RGB")
+    .convert("RGB") (16-bit scaled, search.imaging.to_rgb), crop, .resize((W,H), BILINEAR), /255, (x-mean)/std, CHW."""
+    img = to_rgb(img)
     if bbox is not None:
         img = img.crop(tuple(int(v) for v in bbox))
     h, w = image_size

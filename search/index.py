@@ -24,10 +24,12 @@ as queries (their own row excluded from both answers), and the chosen value, the
 of tuning queries are recorded in the index sidecar. --nprobe / --ef_search override it at load.
 
 Saved indexes: P_index.faiss + sidecar P_index.json (type, parameters, tuning, row count and fingerprint of the
-features); an index whose sidecar does not match the current features (grown or rebuilt gallery) or was tuned for
-another recall target is stale and is rebuilt. Loaded memory-mapped where this faiss build supports it
-(IO_FLAG_MMAP_IFC / IO_FLAG_MMAP), falling back to a plain read.
+features, and a hash of the index file itself); an index whose sidecar does not match the current features (grown
+or rebuilt gallery) or was tuned for another recall target is stale, and one whose bytes do not match its hash is
+damaged (faiss reads flipped bytes without complaint and then scores ~1e27): both are rebuilt. Loaded
+memory-mapped where this faiss build supports it (IO_FLAG_MMAP_IFC / IO_FLAG_MMAP), falling back to a plain read.
 """
+import hashlib
 import json
 import os
 import time
@@ -307,6 +309,15 @@ def _read_mmap(path):
     raise err
 
 
+def file_hash(path, chunk=1 << 20):
+    """blake2b of a file's bytes (the saved index's own fingerprint)."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for b in iter(lambda: f.read(chunk), b""):
+            h.update(b)
+    return h.hexdigest()
+
+
 def save_index(sidx, prefix, features_fp):
     import faiss
 
@@ -314,12 +325,13 @@ def save_index(sidx, prefix, features_fp):
     tmp = _tmp(p["index"])
     try:
         faiss.write_index(sidx.index, tmp)
+        index_hash = file_hash(tmp)
         _fsync_replace(tmp, p["index"])
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
     meta = {"version": INDEX_VERSION, "kind": sidx.kind, "rows": sidx.n, "dim": sidx.index.d,
-            "features_fingerprint": features_fp, "params": dict(sidx.params)}
+            "features_fingerprint": features_fp, "index_hash": index_hash, "params": dict(sidx.params)}
     atomic_write_json(p["index_meta"], meta)  # written last: an index without a matching sidecar is stale
 
 
@@ -328,14 +340,14 @@ def read_index_meta(prefix):
     try:
         with open(prefix_paths(prefix)["index_meta"], encoding="utf-8") as f:
             meta = json.load(f)
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return meta if isinstance(meta, dict) else None
 
 
 def load_index(prefix, kind, features_fp, n_rows, dim, recall_target=None, features=None):
     """The saved index if it is fresh (same type, rows, dim, features fingerprint and, when given, the recall
-    target it was tuned for), else None."""
+    target it was tuned for) and intact (its file hash matches the sidecar), else None."""
     meta = read_index_meta(prefix)
     if not (meta and meta.get("version") == INDEX_VERSION and meta.get("kind") == kind
             and meta.get("rows") == n_rows and meta.get("dim") == dim
@@ -344,6 +356,11 @@ def load_index(prefix, kind, features_fp, n_rows, dim, recall_target=None, featu
     params = meta.get("params") if isinstance(meta.get("params"), dict) else {}
     tuned = (params.get("tuning") or {}).get("recall_target") if isinstance(params.get("tuning"), dict) else None
     if recall_target is not None and tuned != float(recall_target):
+        return None
+    try:
+        if file_hash(prefix_paths(prefix)["index"]) != meta.get("index_hash"):  # damaged (or an older sidecar)
+            return None
+    except OSError:
         return None
     try:
         idx = _read_mmap(prefix_paths(prefix)["index"])

@@ -131,7 +131,7 @@ def test_missing_file_and_cli_error(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('[{"id": 1, "captions": ["a"]}]')
     p = subprocess.run([sys.executable, str(Path(data.__file__)), "--data", str(bad)], capture_output=True, text=True)
-    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert p.returncode == 2 and "Traceback" not in p.stderr  # 2 = bad input (cli.py)
     assert p.stderr.strip() == f"error: {bad}: record 0: missing 'file_path' (or 'img_path')"
 
 

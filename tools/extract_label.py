@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import data
+from cli import fail
 from embedding_cache import FIELDS, CacheMismatchError, EmbeddingCache, summary, verify
 from teachers import DEFAULT_TEACHER, TeacherLoadError, attribute_text, load_teacher
 
@@ -70,7 +71,7 @@ class ImageRows(Dataset):
         img = data.load_image(self.paths[row])
         if img is not None:
             return row, img, "ok"
-        return row, None, "missing" if not os.path.isfile(self.paths[row]) else "corrupt"
+        return row, None, "missing" if not os.path.exists(self.paths[row]) else "corrupt"
 
 
 class CollateImages:
@@ -114,14 +115,14 @@ def main(args):
     fields = [f.strip() for f in args.fields.split(",") if f.strip()]
     bad = [f for f in fields if f not in FIELDS]
     if bad or not fields:
-        raise SystemExit(f"error: --fields {args.fields!r}: each must be one of {','.join(FIELDS)}")
+        fail(f"--fields {args.fields!r}: each must be one of {','.join(FIELDS)}")
     if args.batch_size < 1 or args.workers < 0 or args.max_batches < 0:
-        raise SystemExit("error: --batch_size must be >= 1, --workers and --max_batches >= 0")
+        fail("--batch_size must be >= 1, --workers and --max_batches >= 0")
     try:
         records = data.load_records(args.data, args.image_root)
         sha = data.dataset_hash(args.data)
     except (data.DatasetError, OSError) as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(f"{e}")
     cap_rows = data.caption_rows(records)
     counts = dict(image=len(records), caption=len(cap_rows), attributes=len(records), prompt_caption=len(records))
     try:  # a cache of other data or another teacher: refuse now, before loading a big model
@@ -140,7 +141,7 @@ def main(args):
         teacher = load_teacher(args.teacher, device, None if args.dtype == "auto" else args.dtype,
                                args.trust_remote_code)
     except TeacherLoadError as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(f"{e}")
     zh = "embedded directly" if teacher.multilingual else "embedded as pivot_text (the parallel English caption)"
     manifest = dict(teacher=args.teacher, teacher_kind=teacher.kind, logit_scale=teacher.logit_scale,
                     logit_bias=teacher.logit_bias, dataset=os.path.abspath(args.data), dataset_sha256=sha,
@@ -228,4 +229,5 @@ if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
     except KeyboardInterrupt:
-        raise SystemExit("interrupted: finished batches are saved; re-run the same command to resume") from None
+        print("interrupted: finished batches are saved; re-run the same command to resume", file=sys.stderr)
+        raise SystemExit(130) from None
