@@ -55,9 +55,8 @@ except ImportError:  # pragma: no cover - requirements.txt installs numba
 DEFAULT_FAR_LEVELS = (1e-3, 1e-4, 1e-5, 1e-6, 0.0)
 DEFAULT_BLOCK = 1 << 22  # scores held at once (16 MiB of float32)
 PRECISIONS = ("fp32", "bf16")
-_CELLS_PER_POSITIVE = 2  # resolution of the counting lookup table (speed only; results are exact at any value)
-_MAX_CELLS = 1 << 22
-_MAX_PER_CELL = 16  # positives per cell above which the kernel binary-searches the cell instead of scanning it
+_HIST_BINS = 1 << 14  # coarse histogram of the negatives: exact FAR at its cell edges (ROC curve, fallbacks)
+_PCAP = 32  # a query with more positives than this counts items by binary search instead of one comparison each
 _TILE_ROWS = 1024  # rows a score tile keeps when a row alone would fill a block
 _SAMPLE_BINS = 1 << 20  # band-sample histogram over the top 20 bits of the (order-preserving) float32 pattern
 _MAX_WINDOW = 1 << 24  # negatives kept in the FAR-level windows at most (64 MiB); more: the fallback pass
@@ -241,71 +240,51 @@ def _n_ahead(thr_s, thr_i, o, p, s, i):
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _main_kernel(S, i0, j0, nr, nc, clo, chi, aorig, borig,
-                 do_ver, lo2, scale, cmax, first, n_in, u, per_cell, vcnt, negmm,
-                 edges, inwin, icnt, wbuf, wn, fa_thr, fa_s, fa_r, fa_c, fa_n,
-                 do_row, rthr_s, rthr_i, roff, rcnt,
-                 do_col, cthr_s, cthr_i, coff, cnum, cw_s, cw_i, ccnt):
-    """One tile, every metric. Per negative (a pair of two identities):
-      verification (do_ver): bucket b = #{distinct positive scores u <= s} via a lookup table over a uniform grid
-        (cell(s) is monotone in s, so only the positives sharing s's cell need a comparison); vcnt[t, b] += 1;
-        score range; FAR windows: the interval between consecutive window edges (exact counts), values inside a
-        window kept; false-accept candidates (s >= fa_thr);
-      row-direction ranking (do_row: rows are queries): if the item beats the row's worst positive, count it at
-        #{positives ahead of it} (rcnt); column direction (do_col) likewise per column (ccnt, per thread).
-    Threads own row ranges; everything a column or the whole tile accumulates is per thread (index t)."""
-    T = vcnt.shape[0]
+def _ver_kernel(S, i0, j0, nr, nc, clo, chi, T, hlo, hsc, hmax, hist, negmm,
+                ua, ub, ur, ecnt, eab, rare, edges, inwin, icnt, wbuf, wn, fa_thr, fa_s, fa_r, fa_c, fa_n):
+    """Verification of one tile. Per negative (a pair of two identities): the score range; a coarse histogram
+    (cell(s) = int(clip((s - hlo) * hsc, 0, hmax)) in float32: exact counts at its cell edges, the ROC curve);
+    and, for the few scores >= `rare`: the EER region [ua, ub) -- bucket = #{window positives ur <= s}, exact
+    counts between consecutive positive scores there --, the count above it, the FAR windows (the interval
+    between consecutive window edges, values inside a window kept) and the false-accept candidates (>= fa_thr).
+    Threads own row ranges; everything is accumulated per thread (index t)."""
     step = (nr + T - 1) // T
     E = edges.shape[0]
     wmin = edges[0]
     cap = wbuf.shape[1]
     fcap = fa_s.shape[1]
+    n_ur = ur.shape[0]
     for t in prange(T):
         mn = negmm[t, 0]
         mx = negmm[t, 1]
+        h = hist[t]
         for r in range(t * step, min(nr, (t + 1) * step)):
             gr = i0 + r
             lo = clo[gr] - j0
             hi = chi[gr] - j0
-            p = chi[gr] - clo[gr]
-            ro = roff[gr]
-            rw = np.float32(np.inf)
-            rwi = -1
-            if do_row and p > 0:
-                rw = rthr_s[ro + p - 1]
-                rwi = rthr_i[ro + p - 1]
-            ia = aorig[gr]
+            row = S[r]
             for c in range(nc):
                 if c >= lo and c < hi:
                     continue
-                s = S[r, c]
-                gc = j0 + c
-                if do_ver:
-                    if s < mn:
-                        mn = s
-                    if s > mx:
-                        mx = s
-                    x = (s - lo2) * scale
-                    if x < 0:
-                        x = np.float32(0)
-                    if x > cmax:
-                        x = cmax
-                    cell = np.int64(x)
-                    b = first[cell]
-                    q = n_in[cell]
-                    if q > per_cell:
-                        e_ = b + q
-                        while b < e_:
-                            mid = (b + e_) >> 1
-                            if u[mid] <= s:
-                                b = mid + 1
-                            else:
-                                e_ = mid
-                    else:
-                        while q > 0 and u[b] <= s:
-                            b += 1
-                            q -= 1
-                    vcnt[t, b] += 1
+                s = row[c]
+                mn = min(mn, s)
+                mx = max(mx, s)
+                x = min(max((s - hlo) * hsc, np.float32(0)), hmax)
+                h[np.int64(x)] += 1
+                if s >= rare:
+                    if s >= ua:
+                        if s < ub:
+                            a = 0
+                            b = n_ur
+                            while a < b:
+                                mid = (a + b) >> 1
+                                if ur[mid] <= s:
+                                    a = mid + 1
+                                else:
+                                    b = mid
+                            ecnt[t, a] += 1
+                        else:
+                            eab[t] += 1
                     if s >= wmin:
                         e = 1
                         while e < E and edges[e] <= s:
@@ -321,17 +300,119 @@ def _main_kernel(S, i0, j0, nr, nc, clo, chi, aorig, borig,
                         if k < fcap:
                             fa_s[t, k] = s
                             fa_r[t, k] = gr
-                            fa_c[t, k] = gc
+                            fa_c[t, k] = j0 + c
                         fa_n[t] = k + 1
-                ib = borig[gc]
-                if _beats(s, ib, rw, rwi):
-                    rcnt[ro + _n_ahead(rthr_s, rthr_i, ro, p, s, ib)] += 1
-                if do_col:
-                    if _beats(s, ia, cw_s[gc], cw_i[gc]):
-                        co = coff[gc]
-                        ccnt[t, co + _n_ahead(cthr_s, cthr_i, co, cnum[gc], s, ia)] += 1
         negmm[t, 0] = mn
         negmm[t, 1] = mx
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _row_kernel(S, i0, j0, nr, nc, T, p_row, roff, thr_s, thr_i, thr_c, beat, big, clo, chi, borig, pcap):
+    """Rows are queries. For a row's k-th positive (thr_*[roff + k], best first) beat += #{items of this tile that
+    rank before it}, counted by two vectorised comparisons per item (> and ==); equal scores, rare, are then
+    resolved by gallery index. A row with more than pcap positives instead counts each non-positive item once
+    at #{positives ahead of it} (big; a binary search), for items that beat its worst positive."""
+    step = (nr + T - 1) // T
+    for t in prange(T):
+        for r in range(t * step, min(nr, (t + 1) * step)):
+            gr = i0 + r
+            p = p_row[gr]
+            if p == 0:
+                continue
+            o = roff[gr]
+            row = S[r, :nc]
+            if p <= pcap:
+                for k in range(p):
+                    tv = thr_s[o + k]
+                    g = 0
+                    e = 0
+                    for c in range(nc):
+                        v = row[c]
+                        g += v > tv
+                        e += v == tv
+                    sc = thr_c[o + k] - j0
+                    if e > (1 if (sc >= 0 and sc < nc) else 0):  # ties besides the positive itself
+                        ti = thr_i[o + k]
+                        for c in range(nc):
+                            if row[c] == tv and borig[j0 + c] < ti:
+                                g += 1
+                    beat[o + k] += g
+            else:
+                lo = clo[gr] - j0
+                hi = chi[gr] - j0
+                rw = thr_s[o + p - 1]
+                rwi = thr_i[o + p - 1]
+                for c in range(nc):
+                    if c >= lo and c < hi:
+                        continue
+                    s = row[c]
+                    ib = borig[j0 + c]
+                    if _beats(s, ib, rw, rwi):
+                        big[o + _n_ahead(thr_s, thr_i, o, p, s, ib)] += 1
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _col_kernel(S, i0, j0, nr, nc, T, pm, dthr, gt, eq):
+    """Columns are queries: per thread, gt[t, k, c] / eq[t, k, c] += #{rows with score > / == the column's k-th
+    positive score dthr[k, j0 + c]} (vectorised along the row)."""
+    step = (nr + T - 1) // T
+    for t in prange(T):
+        gt[t, :pm, :nc] = 0
+        eq[t, :pm, :nc] = 0
+        for r in range(t * step, min(nr, (t + 1) * step)):
+            row = S[r, :nc]
+            for k in range(pm):
+                tk = dthr[k, j0:j0 + nc]
+                g = gt[t, k, :nc]
+                e = eq[t, k, :nc]
+                for c in range(nc):
+                    v = row[c]
+                    tv = tk[c]
+                    g[c] += v > tv
+                    e[c] += v == tv
+
+
+@njit(cache=True, nogil=True)
+def _col_merge(S, i0, j0, nr, nc, pm, dthr, dthr_i, dthr_r, gt, eq, aorig, beat):
+    """Sum the threads' column counts into beat[k, c]; resolve equal scores (besides the positive itself) by
+    image index."""
+    T = gt.shape[0]
+    for k in range(pm):
+        for c in range(nc):
+            g = 0
+            e = 0
+            for t in range(T):
+                g += gt[t, k, c]
+                e += eq[t, k, c]
+            if e:
+                sr = dthr_r[k, j0 + c] - i0
+                if e > (1 if (sr >= 0 and sr < nr) else 0):
+                    tv = dthr[k, j0 + c]
+                    ti = dthr_i[k, j0 + c]
+                    for r in range(nr):
+                        if S[r, c] == tv and aorig[i0 + r] < ti:
+                            g += 1
+            beat[k, j0 + c] += g
+
+
+@njit(cache=True, nogil=True)
+def _col_big_kernel(S, i0, j0, nr, cols, rlo, rhi, cnum, coff, thr_s, thr_i, aorig, big):
+    """Columns with more than pcap positives (few): each non-positive row counted at #{positives ahead}."""
+    for q in range(cols.shape[0]):
+        gc = cols[q]
+        c = gc - j0
+        p = cnum[gc]
+        o = coff[gc]
+        cw = thr_s[o + p - 1]
+        cwi = thr_i[o + p - 1]
+        for r in range(nr):
+            gr = i0 + r
+            if gr >= rlo[gc] and gr < rhi[gc]:
+                continue
+            s = S[r, c]
+            ia = aorig[gr]
+            if _beats(s, ia, cw, cwi):
+                big[o + _n_ahead(thr_s, thr_i, o, p, s, ia)] += 1
 
 
 @njit(cache=True, nogil=True)
@@ -347,9 +428,10 @@ def _collect_kernel(S, i0, j0, nr, nc, clo, chi, lo_v, hi_v, out_s, out_r, out_c
                 continue
             s = S[r, c]
             if s >= lo_v and s < hi_v:
-                out_s[n] = s
-                out_r[n] = gr
-                out_c[n] = j0 + c
+                if n < out_s.shape[0]:  # the caller checks the count afterwards
+                    out_s[n] = s
+                    out_r[n] = gr
+                    out_c[n] = j0 + c
                 n += 1
     return n
 
@@ -439,8 +521,7 @@ def _score_pass(a_emb, a_pids, b_emb, b_pids, *, cap_img_index=None, rank_rows=F
     if nA == 0 or nB == 0:
         for key, on, nq, ng in (("rows", rank_rows, nA, nB), ("cols", rank_cols, nB, nA)):
             if on:
-                out[key] = _rank_result(np.zeros(0, np.int64), np.zeros(nq, np.int64), np.zeros(nq, np.int64),
-                                        nq, ng, ks)
+                out[key] = _rank_result(np.zeros(0, np.int64), np.zeros(nq, np.int64), nq, ng, ks)
         return out
     T = _num_threads()
 
@@ -470,24 +551,36 @@ def _score_pass(a_emb, a_pids, b_emb, b_pids, *, cap_img_index=None, rank_rows=F
     pr = np.repeat(np.arange(nA), p_row)  # sorted row of each pair
     pc = clo[pr] + (np.arange(n_pairs) - roff[pr])  # sorted column of each pair
 
-    # ---- ranking thresholds: each query's positives sorted best-first (score desc, original gallery index asc)
-    rthr_s = cthr_s = np.zeros(1, np.float32)
-    rthr_i = cthr_i = np.zeros(1, np.int64)
-    rcnt = np.zeros(n_pairs if rank_rows else 1, np.int64)
+    # ---- ranking set-up: each query's positives sorted best-first (score desc, original gallery index asc)
+    f0, i0_ = np.zeros(1, np.float32), np.zeros(1, np.int64)
+    rthr_s, rthr_i, rthr_c = f0, i0_, i0_
+    beat_r = np.zeros(n_pairs if rank_rows else 1, np.int64)
+    big_r = np.zeros(n_pairs if rank_rows else 1, np.int64)
     if rank_rows:
         o = _sorted_pairs(pr, ps, ob[pc])
-        rthr_s, rthr_i = ps[o], ob[pc][o]
+        rthr_s, rthr_i, rthr_c = ps[o], ob[pc][o], pc[o]
     cnum = (rhi - rlo).astype(np.int64)
     coff = np.concatenate([[0], np.cumsum(cnum)[:-1]]).astype(np.int64)
-    cw_s, cw_i = np.full(nB, np.inf, np.float32), np.full(nB, -1, np.int64)
-    ccnt = np.zeros((T, n_pairs if rank_cols else 1), np.int32)
     if rank_cols:
         o = _sorted_pairs(pc, ps, oa[pr])
-        cthr_s, cthr_i = ps[o], oa[pr][o]
-        has = cnum > 0
-        cw_s[has], cw_i[has] = cthr_s[coff[has] + cnum[has] - 1], cthr_i[coff[has] + cnum[has] - 1]
+        cthr_s, cthr_i, cthr_r = ps[o], oa[pr][o], pr[o]
+        pcap_c = max(1, min(_PCAP, int(cnum.max())))
+        small = cnum <= pcap_c
+        colof = np.repeat(np.arange(nB), cnum)
+        kk = np.arange(n_pairs) - coff[colof]
+        sm = small[colof]
+        nb_pad = B.shape[0]
+        dthr = np.full((pcap_c, nb_pad), np.inf, np.float32)
+        dthr_i, dthr_r = np.zeros((pcap_c, nb_pad), np.int64), np.full((pcap_c, nb_pad), -1, np.int64)
+        dthr[kk[sm], colof[sm]], dthr_i[kk[sm], colof[sm]], dthr_r[kk[sm], colof[sm]] = \
+            cthr_s[sm], cthr_i[sm], cthr_r[sm]
+        beat_c = np.zeros((pcap_c, nB), np.int64)
+        big_c = np.zeros(n_pairs, np.int64)
+        big_cols = np.flatnonzero(~small)
+        pm_tile = [int(np.minimum(cnum[j0:j0 + C], pcap_c).max()) for j0 in range(0, nB, C)]
+        gt, eq = np.zeros((T, pcap_c, C), np.int32), np.zeros((T, pcap_c, C), np.int32)
 
-    # ---- verification set-up: positives, counting table, FAR windows from the band sample
+    # ---- verification set-up: positives, EER region and FAR windows from the band sample
     n_neg = nA * nB - n_pairs
     if ver:
         inv_a, inv_b = np.empty(nA, np.int64), np.empty(nB, np.int64)
@@ -497,8 +590,6 @@ def _score_pass(a_emb, a_pids, b_emb, b_pids, *, cap_img_index=None, rank_rows=F
         r_, c_ = inv_a[pos_i], inv_b[pos_j]
         pos_s = ps[roff[r_] + c_ - clo[r_]]
         V = _Verification(pos_s, n_neg, levels, top_k, hist.sum(0), T)
-    else:
-        V = _Verification.off(T)
 
     # ---- the pass
     bar = None
@@ -506,21 +597,32 @@ def _score_pass(a_emb, a_pids, b_emb, b_pids, *, cap_img_index=None, rank_rows=F
         from tqdm import tqdm
         what = " + ".join((["verification"] if ver else []) + (["ranking " + names[0]] if rank_rows else []) +
                           (["ranking " + names[1]] if rank_cols else []))
-        bar = tqdm(total=nA * nB, unit="pair", unit_scale=True, desc="scoring", file=sys.stderr, mininterval=2)
         print(f"metrics: {nA:,} x {nB:,} = {nA * nB:,} pairs ({what}) in one pass; {len(band)} band tiles took "
               f"{time.time() - t_start:.1f}s", file=sys.stderr, flush=True)
+        bar = tqdm(total=nA * nB, unit="pair", unit_scale=True, desc="scoring", file=sys.stderr, mininterval=2)
     t_pass = time.time()
     all_tiles = tiles.all()
+    S = tiles.np
     for q, (i0, j0) in enumerate(all_tiles):
         nr, nc = tiles.score(i0, j0)
-        V.fa_n[:] = 0
-        _main_kernel(tiles.np, i0, j0, nr, nc, clo, chi, oa, ob,
-                     ver, V.lo2, V.scale, V.cmax, V.first, V.n_in, V.u, _MAX_PER_CELL, V.vcnt, V.negmm,
-                     V.edges, V.inwin, V.icnt, V.wbuf, V.wn, np.float32(V.fa_thr), V.fa_s, V.fa_r, V.fa_c, V.fa_n,
-                     rank_rows, rthr_s, rthr_i, roff, rcnt,
-                     rank_cols, cthr_s, cthr_i, coff, cnum, cw_s, cw_i, ccnt)
-        if ver and top_k:
-            V.merge_false_accepts(tiles, i0, j0, nr, nc, clo, chi, oa, ob)
+        if ver:
+            V.fa_n[:] = 0
+            _ver_kernel(S, i0, j0, nr, nc, clo, chi, T, V.hlo, V.hsc, V.hmax, V.hist, V.negmm,
+                        V.ua, V.ub, V.ur, V.ecnt, V.eab, V.rare, V.edges, V.inwin, V.icnt, V.wbuf, V.wn,
+                        np.float32(V.fa_thr), V.fa_s, V.fa_r, V.fa_c, V.fa_n)
+            if top_k:
+                V.merge_false_accepts(tiles, i0, j0, nr, nc, clo, chi, oa, ob)
+        if rank_rows:
+            _row_kernel(S, i0, j0, nr, nc, T, p_row, roff, rthr_s, rthr_i, rthr_c, beat_r, big_r, clo, chi, ob,
+                        _PCAP)
+        if rank_cols:
+            pm = pm_tile[j0 // C]
+            if pm:
+                _col_kernel(S, i0, j0, nr, nc, T, pm, dthr, gt, eq)
+                _col_merge(S, i0, j0, nr, nc, pm, dthr, dthr_i, dthr_r, gt, eq, oa, beat_c)
+            bc = big_cols[(big_cols >= j0) & (big_cols < j0 + nc)]
+            if len(bc):
+                _col_big_kernel(S, i0, j0, nr, bc, rlo, rhi, cnum, coff, cthr_s, cthr_i, oa, big_c)
         if bar is not None:
             if q == 0:
                 est = (time.time() - t_pass) * len(all_tiles)
@@ -532,64 +634,74 @@ def _score_pass(a_emb, a_pids, b_emb, b_pids, *, cap_img_index=None, rank_rows=F
 
     if ver:
         out["verification"] = V.finish(tiles, clo, chi, oa, ob, pos_s, pos_i, pos_j, nA, nB, n_pairs - len(pos_s))
-    if rank_rows:
-        out["rows"] = _rank_result(rcnt, p_row, roff, nA, nB, ks)
+    if rank_rows:  # beats of the k-th positive; a big row counted its non-positives by bucket (+ k positives)
+        k_in = np.arange(n_pairs) - np.repeat(roff, p_row)
+        isbig = np.repeat(p_row > _PCAP, p_row)
+        beats = np.where(isbig, k_in + _seg_cumsum(big_r, p_row), beat_r)
+        out["rows"] = _rank_result(beats, p_row, nA, nB, ks)
     if rank_cols:
-        out["cols"] = _rank_result(ccnt.sum(0, dtype=np.int64), cnum, coff, nB, nA, ks)
+        beats = np.where(sm, beat_c[np.minimum(kk, pcap_c - 1), colof], kk + _seg_cumsum(big_c, cnum))
+        out["cols"] = _rank_result(beats, cnum, nB, nA, ks)
     return out
 
 
+def _seg_cumsum(x, P):
+    """Inclusive cumulative sums of x within consecutive segments of lengths P."""
+    cs = np.cumsum(x)
+    starts = (np.cumsum(P) - P)[P > 0]
+    return cs - np.repeat(cs[starts] - x[starts], P[P > 0])
+
+
 class _Verification:
-    """What the main kernel needs for verification (counting table, FAR windows, false-accept candidates) and the
-    figures from what it counted."""
-
-    @classmethod
-    def off(cls, T):
-        self = cls.__new__(cls)
-        self.lo2 = self.scale = self.cmax = np.float32(0)
-        self.first, self.n_in, self.u = np.zeros(1, np.int64), np.zeros(1, np.int64), np.zeros(1, np.float32)
-        self.vcnt, self.negmm = np.zeros((T, 1), np.int64), np.zeros((T, 2), np.float32)
-        self._no_windows(T)
-        self.fa_thr = np.inf
-        self.fa_s, self.fa_r, self.fa_c = np.zeros((T, 1), np.float32), np.zeros((T, 1), np.int64), \
-            np.zeros((T, 1), np.int64)
-        self.fa_n = np.zeros(T, np.int64)
-        return self
-
-    def _no_windows(self, T):
-        self.edges, self.inwin = np.array([np.inf], np.float32), np.zeros(2, np.bool_)
-        self.icnt, self.wbuf, self.wn = np.zeros((T, 2), np.int64), np.zeros((T, 1), np.float32), np.zeros(T, np.int64)
-        self.windows = {}
+    """What _ver_kernel needs (coarse histogram, EER region, FAR windows, false-accept candidates) and the figures
+    from what it counted."""
 
     def __init__(self, pos_s, n_neg, levels, top_k, sample, T):
         self.T, self.n_neg, self.levels, self.top_k = T, n_neg, levels, top_k
         u, self.u_cnt = np.unique(pos_s, return_counts=True)  # u_1 < ... < u_m (float32)
         m = self.m = len(u)
         self.u = u
-        # counting table. cell(s) = int(clip((s - lo2) * scale, 0, cmax)) with float32 operations is monotone in s,
-        # so the bucket #{u <= s} of a score is #{u : cell(u) < cell(s)} plus a comparison with the positives that
-        # share its cell (the kernel computes cell(s) with the same float32 operations)
-        lo_u, hi_u = float(u[0]), float(u[-1])
-        n_cells = int(min(_MAX_CELLS, max(64, _CELLS_PER_POSITIVE * m)))
-        self.scale = np.float32(min(n_cells / (hi_u - lo_u), 1e30) if hi_u > lo_u else 1.0)
-        self.lo2 = np.float32(lo_u - 2.0 / float(self.scale))  # cell 0 (below u_1, and -inf) holds no positive
-        pc = (u - self.lo2) * self.scale
-        self.cmax = np.float32(math.floor(float(pc.max())) + 1.0)  # scores above every positive's cell: empty
-        pcell = np.clip(pc, np.float32(0), self.cmax).astype(np.int64)
-        n_tab = int(self.cmax) + 1
-        self.first = np.searchsorted(pcell, np.arange(n_tab), side="left").astype(np.int64)  # #{u: cell(u) < c}
-        self.n_in = np.bincount(pcell, minlength=n_tab).astype(np.int64)  # #{u : cell(u) == c}
-        self.vcnt = np.zeros((T, m + 1), np.int64)
+        n_pos = len(pos_s)
+        self.frr_lt = np.cumsum(self.u_cnt) - self.u_cnt  # #{p < u_k}
+        desc = np.cumsum(sample[::-1])[::-1]  # desc[b] = #{sample negatives in bins >= b}
+        n_s = int(desc[0])
+        nz = np.flatnonzero(sample)
+
+        # coarse histogram over the positives' and the sample's range (outside: clamped into the end cells)
+        lo = min(float(u[0]), _bin_floor(nz[0]) if len(nz) else math.inf)
+        hi = max(float(u[-1]), _bin_floor(nz[-1] + 1) if len(nz) else -math.inf)
+        lo = lo if math.isfinite(lo) else float(u[0])
+        hi = hi if math.isfinite(hi) else float(u[-1])
+        self.hlo = np.float32(lo)
+        self.hsc = np.float32(min(_HIST_BINS / (hi - lo), 1e30) if hi > lo else 1.0)
+        self.hmax = np.float32(_HIST_BINS - 1)
+        self.hist = np.zeros((T, _HIST_BINS), np.int64)
         self.negmm = np.tile(np.array([[np.inf, -np.inf]], np.float32), (T, 1))
+
+        # EER region: positives u_a..u_b around the predicted crossing of FAR and FRR (sample FAR at each
+        # positive; margin 6 binomial standard deviations + 0.2%). Negatives in [u_a, u_b+1) are counted exactly
+        # between consecutive positives; above it only counted. finish() proves the crossing lies inside.
+        if n_s and m > 2:
+            bits = u.view(np.int32).astype(np.int64)
+            bins = ((bits ^ ((bits >> 31) & 0x7FFFFFFF)) >> 12) + _SAMPLE_BINS // 2
+            d_est = desc[bins] / n_s - self.frr_lt / n_pos
+            delta = 6.0 * math.sqrt(0.25 / n_s) + 0.002
+            a = max(0, int(np.count_nonzero(d_est >= delta)) - 1)
+            b = min(m - 1, int(np.count_nonzero(d_est > -delta)))
+        else:
+            a, b = 0, m - 1
+        self.ea, self.eb = a, b
+        self.ua = np.float32(u[a])
+        self.ub = np.float32(u[b + 1]) if b + 1 < m else np.float32(np.inf)
+        self.ur = u[a:b + 1].copy()
+        self.ecnt, self.eab = np.zeros((T, b - a + 2), np.int64), np.zeros(T, np.int64)
 
         self.ks = [_allowed_false_accepts(x, n_neg) if n_neg else 0 for x in levels]
         self.resolvable = [bool(n_neg and (k > 0 or x == 0.0)) for k, x in zip(self.ks, levels)]
         # false accepts: at least top_k band negatives are >= the floor of the bin holding the top_k-th largest,
         # so the final top_k-th false accept is too: a valid starting filter
-        desc = np.cumsum(sample[::-1])[::-1]  # desc[b] = #{sample negatives in bins >= b}
-        n_s = int(desc[0]) if len(desc) else 0
-        b = int(np.count_nonzero(desc >= top_k)) - 1 if top_k else -1
-        self.fa_thr = _bin_floor(b) if b >= 0 else -np.inf
+        bt = int(np.count_nonzero(desc >= top_k)) - 1 if top_k else -1
+        self.fa_thr = _bin_floor(bt) if bt >= 0 else (-np.inf if top_k else np.inf)
         self.fa = None  # the top_k false accepts so far: (score, i, j) arrays sorted by (-score, i, j)
         self.fa_s, self.fa_r, self.fa_c = np.zeros((T, _FA_CAP), np.float32), np.zeros((T, _FA_CAP), np.int64), \
             np.zeros((T, _FA_CAP), np.int64)
@@ -598,7 +710,6 @@ class _Verification:
         # FAR windows. Level x allows k false accepts; its threshold sits just above the (k+1)-th largest negative.
         # The band sample (n_s of the n_neg negatives) predicts that value's bin; the window [L, H) spans the
         # predicted rank (k+1) * (1 -+ margin), the margin 6 binomial standard deviations + 3%.
-        self._no_windows(T)
         wins, expect = {}, 0.0
         for q, (k, x) in enumerate(zip(self.ks, levels)):
             if not self.resolvable[q] or k == 0:
@@ -611,26 +722,26 @@ class _Verification:
             mg = 6.0 / math.sqrt(max(r_s, 1.0)) + 0.03
             bl = int(np.count_nonzero(desc >= r_s * (1 + mg))) - 1
             bh = int(np.count_nonzero(desc > r_s * (1 - mg))) if r_s * (1 - mg) >= 1 else len(desc)
-            lo = _bin_floor(bl) if bl >= 0 else -math.inf
-            hi = _bin_floor(bh) if bh < len(desc) else math.inf
-            wins[q] = (lo, hi)
+            wl = _bin_floor(bl) if bl >= 0 else -math.inf
+            wh = _bin_floor(bh) if bh < len(desc) else math.inf
+            wins[q] = (wl, wh)
             expect += (int(desc[max(bl, 0)]) - (int(desc[bh]) if bh < len(desc) else 0)) * n_neg / n_s
-        if wins:
-            edges = {v for w in wins.values() for v in w if math.isfinite(v)}
-            if any(w[0] == -math.inf for w in wins.values()):
-                edges.add(-math.inf)
-            edges = sorted(edges)
-            self.edges = np.array(edges, np.float32)
-            E = len(edges)
-            lower = np.array(edges, np.float64)
-            upper = np.array(edges[1:] + [math.inf], np.float64)
-            self.inwin = np.zeros(E + 1, np.bool_)
-            for lo, hi in wins.values():  # interval e = [edges[e-1], edges[e]) lies inside a window
-                self.inwin[1:] |= (lower >= lo) & (upper <= hi)
-            cap = int(min(_MAX_WINDOW, 1.25 * expect) / T) + 1024
-            self.icnt, self.wbuf, self.wn = np.zeros((T, E + 1), np.int64), np.zeros((T, cap), np.float32), \
-                np.zeros(T, np.int64)
-            self.windows = wins
+        edges = {v for w in wins.values() for v in w if math.isfinite(v)}
+        if any(w[0] == -math.inf for w in wins.values()):
+            edges.add(-math.inf)
+        edges = sorted(edges) or [math.inf]
+        self.edges = np.array(edges, np.float32)
+        E = len(edges)
+        lower = np.array(edges, np.float64)
+        upper = np.array(edges[1:] + [math.inf], np.float64)
+        self.inwin = np.zeros(E + 1, np.bool_)
+        for wl, wh in wins.values():  # interval e = [edges[e-1], edges[e]) lies inside a window
+            self.inwin[1:] |= (lower >= wl) & (upper <= wh)
+        cap = int(min(_MAX_WINDOW, 1.25 * expect) / T) + 1024 if wins else 1
+        self.icnt, self.wbuf, self.wn = np.zeros((T, E + 1), np.int64), np.zeros((T, cap), np.float32), \
+            np.zeros(T, np.int64)
+        self.windows = wins
+        self.rare = np.float32(min(float(self.ua), float(self.edges[0]), self.fa_thr))
 
     def merge_false_accepts(self, tiles, i0, j0, nr, nc, clo, chi, oa, ob):
         """The tile's candidates (s >= fa_thr) into the running top_k (ties by (img_idx, cap_idx))."""
@@ -655,14 +766,109 @@ class _Verification:
         if len(o) == self.top_k:
             self.fa_thr = max(self.fa_thr, float(self.fa[0][-1]))
 
-    def _level_values(self, tiles, clo, chi, far_ge, neg_max):
+    def _cell(self, x):
+        return np.clip((np.asarray(x, np.float32) - self.hlo) * self.hsc, np.float32(0), self.hmax).astype(np.int64)
+
+    def _cell_edges(self):
+        """theta[e] = the smallest float32 with cell >= e (e = 1 .. bins-1): the exact value of each cell edge
+        under the kernel's float32 arithmetic (found by stepping from the real-number guess)."""
+        e = np.arange(1, _HIST_BINS)
+        g = (self.hlo + e.astype(np.float64) / float(self.hsc)).astype(np.float32)
+        for _ in range(64):
+            up = self._cell(g) < e
+            if not up.any():
+                break
+            g[up] = np.nextafter(g[up], np.float32(np.inf))
+        for _ in range(64):
+            prev = np.nextafter(g, np.float32(-np.inf))
+            down = self._cell(prev) >= e
+            if not down.any():
+                break
+            g[down] = prev[down]
+        return g
+
+    def finish(self, tiles, clo, chi, oa, ob, pos_s, pos_i, pos_j, nA, nB, n_same_other):
+        u, u_cnt, m, n_neg = self.u, self.u_cnt, self.m, self.n_neg
+        n_pos = len(pos_s)
+        frr_lt = self.frr_lt
+        pos_le = np.cumsum(u_cnt)  # #{p <= u_k}
+        H = self.hist.sum(0)
+        assert H.sum() == n_neg, "internal error: negative counts do not add up"
+        theta = self._cell_edges()
+        n_theta = np.cumsum(H[::-1])[::-1][1:]  # #{n >= theta[e]}
+        a, b = self.ea, self.eb
+        ec = self.ecnt.sum(0)
+        far_w = int(self.eab.sum()) + np.cumsum(ec[::-1])[::-1][1:]  # #{n >= u_q}, q = a..b
+        facts = dict(zip(theta.astype(np.float64).tolist(), n_theta.tolist()))
+        facts.update(zip(u[a:b + 1].astype(np.float64).tolist(), far_w.tolist()))
+        facts[float(self.ub)] = int(self.eab.sum())
+        neg_min, neg_max = float(self.negmm[:, 0].min()), float(self.negmm[:, 1].max())
+        lo_u, hi_u = float(u[0]), float(u[-1])
+        res = dict(n_pos=n_pos, n_neg=n_neg, verify_count=n_pos + n_neg, n_images=nA, n_captions=nB,
+                   n_same_id_pairs=n_same_other, top_k=self.top_k)
+        res["score_min"] = min(lo_u, neg_min) if n_neg else lo_u
+        res["score_max"] = max(hi_u, neg_max) if n_neg else hi_u
+        res["pos_score_mean"] = float(pos_s.astype(np.float64).mean())
+        if n_neg:
+            d = far_w.astype(object) * n_pos - frr_lt[a:b + 1].astype(object) * n_neg
+            if not ((a == 0 or d[0] >= 0) and (b == m - 1 or d[-1] <= 0)):
+                # the crossing is outside the region (the sample misled): bound it with the exact counts at the
+                # histogram edges, then count the negatives between those edges exactly in one more pass
+                cu = self._cell(u)  # theta[cu - 1] <= u < theta[cu]
+                n_at = np.concatenate([[n_neg], n_theta, [0]])
+                d_lo = n_at[cu + 1].astype(object) * n_pos - frr_lt.astype(object) * n_neg  # <= d(q)
+                d_hi = n_at[cu].astype(object) * n_pos - frr_lt.astype(object) * n_neg  # >= d(q)
+                a = max(0, int(np.count_nonzero(d_lo >= 0)) - 1)
+                b = min(m - 1, int(np.count_nonzero(d_hi > 0)))
+                lo_v = float(theta[cu[a] - 1]) if cu[a] >= 1 else -math.inf
+                hi_v = float(theta[cu[b]]) if cu[b] < len(theta) else math.inf
+                n_hi = int(n_at[cu[b] + 1])
+                vals, = _collect_pass(tiles, clo, chi, [(lo_v, hi_v, int(n_at[cu[a]]) - n_hi)],
+                                      "the EER region")
+                vals.sort()
+                far_w = n_hi + len(vals) - np.searchsorted(vals, u[a:b + 1], side="left")
+                facts.update(zip(u[a:b + 1].astype(np.float64).tolist(), far_w.tolist()))
+                d = far_w.astype(object) * n_pos - frr_lt[a:b + 1].astype(object) * n_neg
+            k = int(np.argmin(np.abs(d)))
+            far_e, frr_e = int(far_w[k]) / n_neg, int(frr_lt[a + k]) / n_pos
+            res.update(eer=100.0 * (far_e + frr_e) / 2, eer_threshold=float(u[a + k]), eer_far=100.0 * far_e,
+                       eer_frr=100.0 * frr_e)
+        else:
+            res.update(eer=None, eer_threshold=None, eer_far=None, eer_frr=None)
+        vals = self._level_values(tiles, clo, chi, facts, neg_max) if n_neg else {}
+        lv = []
+        for q, (x, kx) in enumerate(zip(self.levels, self.ks)):
+            e = dict(far=x, label=format_far(x), resolvable=self.resolvable[q], allowed=kx)
+            if e["resolvable"]:
+                v, n_fa = vals[q]
+                bb = int(np.searchsorted(u, np.float32(v), side="right"))  # distinct positives <= v
+                e.update(frr=100.0 * (int(pos_le[bb - 1]) if bb else 0) / n_pos, threshold=_next_up(v),
+                         far_actual=100.0 * n_fa / n_neg, false_accepts=n_fa)
+            else:
+                e.update(frr=None, threshold=None, far_actual=None, false_accepts=None)
+            lv.append(e)
+        res["far_levels"] = lv
+        o = np.lexsort((pos_j, pos_i, pos_s))[:self.top_k]
+        res["false_rejects"] = [(int(pos_i[q]), int(pos_j[q]), float(pos_s[q])) for q in o]
+        res["false_accepts"] = [] if self.fa is None else [(int(i), int(j), float(s)) for s, i, j in zip(*self.fa)]
+        # exact ROC points for verification_curve: the histogram edges and the EER region's positive scores
+        ct = np.array(sorted(facts), np.float64)
+        ct = ct[np.isfinite(ct)]
+        res["_curve"] = dict(threshold=ct, far_ge=np.array([facts[v] for v in ct], np.int64),
+                             frr_lt=pos_le[np.searchsorted(u, ct.astype(np.float32), side="left") - 1] *
+                             (np.searchsorted(u, ct.astype(np.float32), side="left") > 0),
+                             n_neg=n_neg, n_pos=n_pos)
+        return res
+
+    def _level_values(self, tiles, clo, chi, facts, neg_max):
         """(v, n_fa) per level: v = the (k+1)-th largest negative, n_fa = #{negatives > v}."""
         out = {}
-        n_ge = {}  # value -> exact #{negatives >= value}: window edges and positive scores
+        n_ge = dict(facts)  # value -> exact #{negatives >= value}
         icnt = self.icnt.sum(0)
         tail = np.cumsum(icnt[::-1])[::-1]  # tail[e] = #{counted in intervals >= e}
         for e, v in enumerate(self.edges.tolist()):
-            n_ge[v] = int(tail[e + 1])
+            if math.isfinite(v) or v == -math.inf:
+                n_ge[v] = int(tail[e + 1])
         n_ge[-math.inf] = self.n_neg
         n_ge[math.inf] = 0
         buf = np.concatenate([self.wbuf[t, :min(self.wn[t], self.wbuf.shape[1])] for t in range(self.T)])
@@ -684,101 +890,53 @@ class _Verification:
             else:
                 missed[q] = k
         if missed:
-            # the tightest exact bracket [a, b) with n_ge(a) > k >= n_ge(b), from the window edges and the counts
-            # at every distinct positive score; one verification-only pass collects the negatives inside it
-            facts = dict(n_ge)
-            facts.update(zip(self.u.astype(np.float64).tolist(), far_ge.tolist()))
-            vals = np.array(sorted(facts))
-            cnts = np.array([facts[v] for v in vals])
+            # the tightest exact bracket [a, b) with n_ge(a) > k >= n_ge(b) (histogram edges, window edges, the
+            # EER region): one more pass collects the negatives inside it
+            vals = np.array(sorted(n_ge))
+            cnts = np.array([n_ge[v] for v in vals])
             brackets = {}
             for q, k in missed.items():
                 a = float(vals[cnts > k].max())
                 b = float(vals[cnts <= k].min())
-                brackets[q] = (a, b, facts[a] - facts[b], facts[b])
-            print(f"metrics: a FAR window missed ({'overflow' if overflow else 'sample off'}); one more pass "
-                  f"collects {sum(v[2] for v in brackets.values()):,} negatives", file=sys.stderr, flush=True)
-            got = {q: [np.empty(br[2], np.float32), np.empty(br[2], np.int64), np.empty(br[2], np.int64), 0]
-                   for q, br in brackets.items()}
-            for i0, j0 in tiles.all():
-                nr, nc = tiles.score(i0, j0)
-                for q, (a, b, cnt, _) in brackets.items():
-                    g = got[q]
-                    g[3] = _collect_kernel(tiles.np, i0, j0, nr, nc, clo, chi, np.float32(a), np.float32(b),
-                                           g[0], g[1], g[2], g[3])
-            for q, (a, b, cnt, nb) in brackets.items():
-                sel = got[q][0]
-                assert got[q][3] == cnt, "internal error: fallback counts do not add up"
+                brackets[q] = (a, b, n_ge[a] - n_ge[b], n_ge[b])
+            got = _collect_pass(tiles, clo, chi, [br[:3] for br in brackets.values()],
+                                "FAR windows (" + ("overflow" if overflow else "the sample misled") + ")")
+            for (q, (a, b, cnt, nb)), sel in zip(brackets.items(), got):
                 k = missed[q]
                 v = -np.partition(-sel, k - nb)[k - nb]
                 out[q] = (float(v), nb + int(np.count_nonzero(sel > v)))
         return out
 
-    def finish(self, tiles, clo, chi, oa, ob, pos_s, pos_i, pos_j, nA, nB, n_same_other):
-        counts = self.vcnt.sum(0)
-        assert counts.sum() == self.n_neg and (counts >= 0).all(), "internal error: negative counts do not add up"
-        u, u_cnt, m, n_neg = self.u, self.u_cnt, self.m, self.n_neg
-        n_pos = len(pos_s)
-        far_ge = np.cumsum(counts[::-1])[::-1][1:]  # far_ge[k] = #{n >= u_k}  (bucket >= k+1)
-        pos_le = np.cumsum(u_cnt)  # #{p <= u_k}
-        frr_lt = pos_le - u_cnt  # #{p < u_k}
-        neg_min, neg_max = float(self.negmm[:, 0].min()), float(self.negmm[:, 1].max())
-        lo_u, hi_u = float(u[0]), float(u[-1])
-        res = dict(n_pos=n_pos, n_neg=n_neg, verify_count=n_pos + n_neg, n_images=nA, n_captions=nB,
-                   n_same_id_pairs=n_same_other, top_k=self.top_k)
-        res["score_min"] = min(lo_u, neg_min) if n_neg else lo_u
-        res["score_max"] = max(hi_u, neg_max) if n_neg else hi_u
-        res["pos_score_mean"] = float(pos_s.astype(np.float64).mean())
-        if n_neg:
-            if n_neg * n_pos < (1 << 62):
-                d = np.abs(far_ge * n_pos - frr_lt * n_neg)
-            else:  # exact big integers
-                d = np.abs(far_ge.astype(object) * n_pos - frr_lt.astype(object) * n_neg)
-            k = int(np.argmin(d))
-            far_e, frr_e = int(far_ge[k]) / n_neg, int(frr_lt[k]) / n_pos
-            res.update(eer=100.0 * (far_e + frr_e) / 2, eer_threshold=float(u[k]), eer_far=100.0 * far_e,
-                       eer_frr=100.0 * frr_e)
-        else:
-            res.update(eer=None, eer_threshold=None, eer_far=None, eer_frr=None)
-        vals = self._level_values(tiles, clo, chi, far_ge, neg_max) if n_neg else {}
-        lv = []
-        for q, (x, kx) in enumerate(zip(self.levels, self.ks)):
-            e = dict(far=x, label=format_far(x), resolvable=self.resolvable[q], allowed=kx)
-            if e["resolvable"]:
-                v, n_fa = vals[q]
-                b = int(np.searchsorted(u, np.float32(v), side="right"))  # distinct positives <= v
-                e.update(frr=100.0 * (int(pos_le[b - 1]) if b else 0) / n_pos, threshold=_next_up(v),
-                         far_actual=100.0 * n_fa / n_neg, false_accepts=n_fa)
-            else:
-                e.update(frr=None, threshold=None, far_actual=None, false_accepts=None)
-            lv.append(e)
-        res["far_levels"] = lv
-        o = np.lexsort((pos_j, pos_i, pos_s))[:self.top_k]
-        res["false_rejects"] = [(int(pos_i[q]), int(pos_j[q]), float(pos_s[q])) for q in o]
-        res["false_accepts"] = [] if self.fa is None else [(int(i), int(j), float(s)) for s, i, j in zip(*self.fa)]
-        # the exact ROC staircase (its corners: every distinct positive score), for verification_curve
-        res["_curve"] = dict(threshold=u, far_ge=far_ge, frr_lt=frr_lt, n_neg=n_neg, n_pos=n_pos)
-        return res
+
+def _collect_pass(tiles, clo, chi, ranges, why):
+    """One more pass over every tile: the negatives in each [lo, hi) (their exact counts given) as float32 arrays.
+    Only when a prediction from the band sample missed; memory: the counts (at most a histogram cell each)."""
+    print(f"metrics: one more pass for {why}: collecting {sum(r[2] for r in ranges):,} negatives",
+          file=sys.stderr, flush=True)
+    got = [[np.empty(n, np.float32), np.empty(n, np.int64), np.empty(n, np.int64), 0] for _, _, n in ranges]
+    for i0, j0 in tiles.all():
+        nr, nc = tiles.score(i0, j0)
+        for (lo, hi, _), g in zip(ranges, got):
+            g[3] = _collect_kernel(tiles.np, i0, j0, nr, nc, clo, chi, np.float32(lo), np.float32(hi),
+                                   g[0], g[1], g[2], g[3])
+    for (_, _, n), g in zip(ranges, got):
+        assert g[3] == n, "internal error: collected counts do not add up"
+    return [g[0] for g in got]
 
 
-def _rank_result(cnt, P, off, n_q, n_g, ks):
-    """IRRA's figures from the per-query counts: cnt[off[q] + b] = #{gallery items (not positives) with exactly b
-    of the query's positives ahead of them}, b < P[q]; the k-th positive (0-based) then ranks
-    1 + k + #{those items with b <= k}."""
+def _rank_result(beats, P, n_q, n_g, ks):
+    """IRRA's figures from beats[slot] = #{gallery items ranking before the query's k-th positive} (slots: each
+    query's P[q] positives in order, best first); that positive's 1-based rank is 1 + beats."""
     valid = P > 0
     n_valid = int(valid.sum())
     res = dict(n_queries=n_valid, n_excluded=n_q - n_valid, n_gallery=n_g, ks=list(ks))
     if n_valid == 0:
         res.update({f"R@{k}": None for k in ks}, mAP=None, mINP=None)
         return res
-    Pv, ov = P[valid], off[valid]
-    total = int(Pv.sum())
-    idx = np.repeat(ov, Pv) + (np.arange(total) - np.repeat(np.cumsum(Pv) - Pv, Pv))  # pair slots of valid queries
-    k_in = idx - np.repeat(ov, Pv)  # k, 0-based, within the query
-    c = cnt[idx]
-    cs = np.cumsum(c)
-    within = cs - np.repeat(cs[np.cumsum(Pv) - Pv] - c[np.cumsum(Pv) - Pv], Pv)
-    ranks = (1 + k_in + within).astype(np.float64)
+    Pv = P[valid]
     starts = np.cumsum(Pv) - Pv
+    k_in = np.arange(len(beats)) - np.repeat(starts, Pv)  # k, 0-based, within the query
+    ranks = 1.0 + beats.astype(np.float64)
     ap = np.add.reduceat((k_in + 1) / ranks, starts) / Pv
     inp = Pv / ranks[starts + Pv - 1]
     r1 = ranks[starts]

@@ -126,21 +126,22 @@ def test_verification_matches_reference(seed, block, tile_rows, monkeypatch):
     check_verification(res, ref_verification(img, cap, cii, ip, cp))
 
 
-@pytest.mark.parametrize("grid,cells,tile_rows,per_cell", [(4, 16, 256, 16), (4, 16, 3, 16), (2, 16, 5, 16),
-                                                           (8, 1, 256, 16), (1024, 1, 4, 16), (1024, 1, 4, 0)])
-def test_verification_ties(grid, cells, tile_rows, per_cell, monkeypatch):
+@pytest.mark.parametrize("grid,bins,tile_rows,pcap", [(4, 1 << 14, 256, 32), (4, 16, 3, 32), (2, 4, 5, 1),
+                                                       (8, 1, 256, 32), (1024, 2, 4, 32), (1024, 1 << 14, 4, 1)])
+def test_verification_ties(grid, bins, tile_rows, pcap, monkeypatch):
     """Coarse grids: thousands of equal scores across positives, negatives and tile boundaries (rows and columns);
-    cells=1 puts most scores in lookup cells that hold a positive (the look-closer path; per_cell=0: its binary
-    search fallback)."""
-    monkeypatch.setattr(metrics, "_CELLS_PER_POSITIVE", cells)
-    monkeypatch.setattr(metrics, "_MAX_PER_CELL", per_cell)
+    a coarse histogram (bins) and the binary-search ranking path (pcap=1) on the way."""
+    monkeypatch.setattr(metrics, "_HIST_BINS", bins)
+    monkeypatch.setattr(metrics, "_PCAP", pcap)
     monkeypatch.setattr(metrics, "_TILE_ROWS", tile_rows)
     img, cap, cii, ip, cp = make_case(10 + grid, n_id=15, dim=6, grid=grid, noise=0.7)
     S = img.astype(np.float64) @ cap.T
     if grid <= 8:
         assert len(np.unique(S)) < S.size / 10  # really tied
-    res = metrics.verification(img, cap, cii, ip, cp, far_levels=LEVELS, top_k=7, block=50)
-    check_verification(res, ref_verification(img, cap, cii, ip, cp, top_k=7))
+    r = metrics.evaluate_embeddings(img, cap, cii, ip, cp, far_levels=LEVELS, top_k=7, block=50)
+    check_verification(r["verification"], ref_verification(img, cap, cii, ip, cp, top_k=7))
+    check_retrieval(r["t2i"], ref_retrieval(cap, cp, img, ip))
+    check_retrieval(r["i2t"], ref_retrieval(img, ip, cap, cp))
 
 
 def test_verification_continuous_float32():
