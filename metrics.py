@@ -244,9 +244,10 @@ def _ver_kernel(S, i0, j0, nr, nc, clo, chi, T, hlo, hsc, hmax, hist, negmm,
                 ua, ub, ur, ecnt, eab, rare, edges, inwin, icnt, wbuf, wn, fa_thr, fa_s, fa_r, fa_c, fa_n):
     """Verification of one tile. Per negative (a pair of two identities): the score range; a coarse histogram
     (cell(s) = int(clip((s - hlo) * hsc, 0, hmax)) in float32: exact counts at its cell edges, the ROC curve);
-    and, for the few scores >= `rare`: the EER region [ua, ub) -- bucket = #{window positives ur <= s}, exact
-    counts between consecutive positive scores there --, the count above it, the FAR windows (the interval
-    between consecutive window edges, values inside a window kept) and the false-accept candidates (>= fa_thr).
+    the count above the EER region [ua, ub); and for the few scores inside that region or >= `rare`: their
+    bucket = #{region positives ur <= s} (exact counts between consecutive positive scores), the FAR windows
+    (the interval between consecutive window edges, values inside a window kept) and the false-accept candidates
+    (>= fa_thr).
     Threads own row ranges; everything is accumulated per thread (index t)."""
     step = (nr + T - 1) // T
     E = edges.shape[0]
@@ -257,6 +258,7 @@ def _ver_kernel(S, i0, j0, nr, nc, clo, chi, T, hlo, hsc, hmax, hist, negmm,
     for t in prange(T):
         mn = negmm[t, 0]
         mx = negmm[t, 1]
+        above = 0
         h = hist[t]
         for r in range(t * step, min(nr, (t + 1) * step)):
             gr = i0 + r
@@ -271,20 +273,19 @@ def _ver_kernel(S, i0, j0, nr, nc, clo, chi, T, hlo, hsc, hmax, hist, negmm,
                 mx = max(mx, s)
                 x = min(max((s - hlo) * hsc, np.float32(0)), hmax)
                 h[np.int64(x)] += 1
-                if s >= rare:
-                    if s >= ua:
-                        if s < ub:
-                            a = 0
-                            b = n_ur
-                            while a < b:
-                                mid = (a + b) >> 1
-                                if ur[mid] <= s:
-                                    a = mid + 1
-                                else:
-                                    b = mid
-                            ecnt[t, a] += 1
-                        else:
-                            eab[t] += 1
+                above += s >= ub
+                region = (s >= ua) & (s < ub)
+                if region | (s >= rare):
+                    if region:
+                        a = 0
+                        b = n_ur
+                        while a < b:
+                            mid = (a + b) >> 1
+                            if ur[mid] <= s:
+                                a = mid + 1
+                            else:
+                                b = mid
+                        ecnt[t, a] += 1
                     if s >= wmin:
                         e = 1
                         while e < E and edges[e] <= s:
@@ -304,10 +305,11 @@ def _ver_kernel(S, i0, j0, nr, nc, clo, chi, T, hlo, hsc, hmax, hist, negmm,
                         fa_n[t] = k + 1
         negmm[t, 0] = mn
         negmm[t, 1] = mx
+        eab[t] += above
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _row_kernel(S, i0, j0, nr, nc, T, p_row, roff, thr_s, thr_i, thr_c, beat, big, clo, chi, borig, pcap):
+def _row_kernel(S, i0, j0, nr, nc, T, p_row, roff, thr_s, thr_i, thr_c, beat, big, clo, chi, borig, pcap, buf):
     """Rows are queries. For a row's k-th positive (thr_*[roff + k], best first) beat += #{items of this tile that
     rank before it}, counted by two vectorised comparisons per item (> and ==); equal scores, rare, are then
     resolved by gallery index. A row with more than pcap positives instead counts each non-positive item once
@@ -322,12 +324,20 @@ def _row_kernel(S, i0, j0, nr, nc, T, p_row, roff, thr_s, thr_i, thr_c, beat, bi
             o = roff[gr]
             row = S[r, :nc]
             if p <= pcap:
+                # only items >= the worst positive can rank before a positive: compact them first (branch-free)
+                rw = thr_s[o + p - 1]
+                cand = buf[t]
+                n = 0
+                for c in range(nc):
+                    v = row[c]
+                    cand[n] = v
+                    n += v >= rw
                 for k in range(p):
                     tv = thr_s[o + k]
                     g = 0
                     e = 0
-                    for c in range(nc):
-                        v = row[c]
+                    for q in range(n):
+                        v = cand[q]
                         g += v > tv
                         e += v == tv
                     sc = thr_c[o + k] - j0
@@ -467,10 +477,14 @@ class _Tiles:
         self.out = torch.empty(R, C, dtype=torch.float32)
         self.np = self.out.numpy()
         self.bits = self.np.view(np.int32)
+        self.gemm_s, self.n_scored = 0.0, 0
 
     def score(self, i0, j0):
+        t0 = time.perf_counter()
         with _matmul_precision(self.precision):
             torch.mm(self.A[i0:i0 + self.R], self.B[j0:j0 + self.C].t(), out=self.out)
+        self.gemm_s += time.perf_counter() - t0
+        self.n_scored += 1
         return min(self.R, self.nA - i0), min(self.C, self.nB - j0)
 
     def all(self):
@@ -528,11 +542,13 @@ def _score_pass(a_emb, a_pids, b_emb, b_pids, *, cap_img_index=None, rank_rows=F
     oa, ob, ka, kb = _id_order(apid, bpid)
     clo, chi = np.searchsorted(kb, ka, "left"), np.searchsorted(kb, ka, "right")  # per sorted row
     rlo, rhi = np.searchsorted(ka, kb, "left"), np.searchsorted(ka, kb, "right")  # per sorted column
+    t_start = time.time()
     R, C = _tiles(nA, nB, block)
     A = _prepare(a_emb, names[0], oa, -(-nA // R) * R, normalize, precision)
     B = _prepare(b_emb, names[1], ob, -(-nB // C) * C, normalize, precision)
     tiles = _Tiles(A, B, R, C, nA, nB, precision)
-    t_start = time.time()
+    timing = dict(prepare_s=time.time() - t_start)
+    t_band = time.time()
 
     # ---- band pre-pass: every same-identity score (row-major pair order) + a histogram of the band's negatives
     p_row = chi - clo
@@ -559,6 +575,7 @@ def _score_pass(a_emb, a_pids, b_emb, b_pids, *, cap_img_index=None, rank_rows=F
     if rank_rows:
         o = _sorted_pairs(pr, ps, ob[pc])
         rthr_s, rthr_i, rthr_c = ps[o], ob[pc][o], pc[o]
+        row_buf = np.empty((T, C), np.float32)
     cnum = (rhi - rlo).astype(np.int64)
     coff = np.concatenate([[0], np.cumsum(cnum)[:-1]]).astype(np.int64)
     if rank_cols:
@@ -598,9 +615,11 @@ def _score_pass(a_emb, a_pids, b_emb, b_pids, *, cap_img_index=None, rank_rows=F
         what = " + ".join((["verification"] if ver else []) + (["ranking " + names[0]] if rank_rows else []) +
                           (["ranking " + names[1]] if rank_cols else []))
         print(f"metrics: {nA:,} x {nB:,} = {nA * nB:,} pairs ({what}) in one pass; {len(band)} band tiles took "
-              f"{time.time() - t_start:.1f}s", file=sys.stderr, flush=True)
+              f"{time.time() - t_band:.1f}s", file=sys.stderr, flush=True)
         bar = tqdm(total=nA * nB, unit="pair", unit_scale=True, desc="scoring", file=sys.stderr, mininterval=2)
+    timing["band_s"], timing["band_tiles"] = time.time() - t_band, len(band)
     t_pass = time.time()
+    gemm0 = tiles.gemm_s
     all_tiles = tiles.all()
     S = tiles.np
     for q, (i0, j0) in enumerate(all_tiles):
@@ -614,7 +633,7 @@ def _score_pass(a_emb, a_pids, b_emb, b_pids, *, cap_img_index=None, rank_rows=F
                 V.merge_false_accepts(tiles, i0, j0, nr, nc, clo, chi, oa, ob)
         if rank_rows:
             _row_kernel(S, i0, j0, nr, nc, T, p_row, roff, rthr_s, rthr_i, rthr_c, beat_r, big_r, clo, chi, ob,
-                        _PCAP)
+                        _PCAP, row_buf)
         if rank_cols:
             pm = pm_tile[j0 // C]
             if pm:
@@ -631,6 +650,10 @@ def _score_pass(a_emb, a_pids, b_emb, b_pids, *, cap_img_index=None, rank_rows=F
             bar.update(nr * nc)
     if bar is not None:
         bar.close()
+    timing.update(pass_s=time.time() - t_pass, pass_gemm_s=tiles.gemm_s - gemm0, tiles=len(all_tiles),
+                  tile_shape=[R, C], threads=T, precision=precision)
+    t_fin = time.time()
+    n_scored = tiles.n_scored
 
     if ver:
         out["verification"] = V.finish(tiles, clo, chi, oa, ob, pos_s, pos_i, pos_j, nA, nB, n_pairs - len(pos_s))
@@ -642,6 +665,8 @@ def _score_pass(a_emb, a_pids, b_emb, b_pids, *, cap_img_index=None, rank_rows=F
     if rank_cols:
         beats = np.where(sm, beat_c[np.minimum(kk, pcap_c - 1), colof], kk + _seg_cumsum(big_c, cnum))
         out["cols"] = _rank_result(beats, cnum, nB, nA, ks)
+    timing.update(finish_s=time.time() - t_fin, extra_tiles=tiles.n_scored - n_scored)
+    out["timing"] = timing
     return out
 
 
@@ -741,7 +766,7 @@ class _Verification:
         self.icnt, self.wbuf, self.wn = np.zeros((T, E + 1), np.int64), np.zeros((T, cap), np.float32), \
             np.zeros(T, np.int64)
         self.windows = wins
-        self.rare = np.float32(min(float(self.ua), float(self.edges[0]), self.fa_thr))
+        self.rare = np.float32(min(float(self.edges[0]), self.fa_thr))
 
     def merge_false_accepts(self, tiles, i0, j0, nr, nc, clo, chi, oa, ob):
         """The tile's candidates (s >= fa_thr) into the running top_k (ties by (img_idx, cap_idx))."""
@@ -1030,11 +1055,12 @@ def evaluate_embeddings(img_emb, cap_emb, cap_img_index, img_pids, cap_pids, far
                         precision="fp32"):
     """verification + text->image and image->text retrieval on the same embeddings, in ONE pass over the pairs
     (each score computed once serves all three). Returns {"verification": ..., "t2i": ..., "i2t": ...,
-    "headline": flat dict (see `headline`)}. precision: "fp32" or "bf16" (see the module docstring)."""
+    "headline": flat dict (see `headline`), "timing": seconds per stage (prepare_s, band_s, pass_s and its
+    pass_gemm_s, finish_s) with tiles, tile_shape, threads, precision, extra_tiles (fallback passes)}. precision: "fp32" or "bf16" (see the module docstring)."""
     r = _score_pass(img_emb, img_pids, cap_emb, cap_pids, cap_img_index=cap_img_index, rank_rows=True,
                     rank_cols=True, far_levels=far_levels, top_k=top_k, ks=ks, block=block, normalize=normalize,
                     precision=precision, progress=progress, names=("img_emb", "cap_emb"))
-    out = dict(verification=r["verification"], t2i=r["cols"], i2t=r["rows"])
+    out = dict(verification=r["verification"], t2i=r["cols"], i2t=r["rows"], timing=r["timing"])
     out["headline"] = headline(out)
     return out
 
