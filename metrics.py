@@ -14,8 +14,8 @@ Tests (brute-force references, ties, duplicate rows, several blocks):  python3 -
 
 Scores are dot products of float32 embeddings, accumulated in float32 (cosine: the embeddings are unit norm; pass
 normalize=True if they are not). precision="bf16" rounds the embeddings to bfloat16 first (8 significant bits)
-and lets the CPU's bf16 matrix units (AMX) compute the same float32 sums about 4-5x faster; every figure is then
-exact for those scores. The whole score matrix is never held: it is computed one tile at a time (`block` = the
+and lets the CPU's bf16 matrix units (AMX) compute the same float32 sums 2-3x faster; every figure is then exact
+for those scores ("auto": bf16 from AUTO_BF16_PAIRS pairs on, where the CPU supports it). The whole score matrix is never held: it is computed one tile at a time (`block` = the
 most scores held at once) and EVERY score -- positive or negative, for verification and both retrieval
 directions -- comes from that one tile computation, so each pair has exactly one score and identical gallery rows
 tie exactly (the lower gallery index wins). Every figure is exact for those scores -- equal to a sort-everything
@@ -54,7 +54,8 @@ except ImportError:  # pragma: no cover - requirements.txt installs numba
 
 DEFAULT_FAR_LEVELS = (1e-3, 1e-4, 1e-5, 1e-6, 0.0)
 DEFAULT_BLOCK = 1 << 22  # scores held at once (16 MiB of float32)
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16")
+AUTO_BF16_PAIRS = 1 << 30  # precision="auto": bf16 from this many pairs on (fp32 would take minutes), if supported
 _HIST_BINS = 1 << 14  # coarse histogram of the negatives: exact FAR at its cell edges (ROC curve, fallbacks)
 _PCAP = 32  # a query with more positives than this counts items by binary search instead of one comparison each
 _TILE_ROWS = 1024  # rows a score tile keeps when a row alone would fill a block
@@ -64,7 +65,7 @@ _FA_CAP = 4096  # false-accept candidates per thread and tile before the tile is
 _ID_ORDER_SEED = 0
 
 __all__ = ["verification", "retrieval", "evaluate_embeddings", "verification_curve", "sample_gallery",
-           "format_verification_table", "format_error_lists", "format_retrieval", "format_far", "headline",
+           "pick_precision", "format_verification_table", "format_error_lists", "format_retrieval", "format_far", "headline",
            "to_jsonable", "DEFAULT_FAR_LEVELS", "PRECISIONS"]
 
 
@@ -176,10 +177,25 @@ def _matmul_precision(precision):
         mm.fp32_precision = old
 
 
+def pick_precision(precision, n_pairs):
+    """"auto" -> "bf16" for at least AUTO_BF16_PAIRS pairs on a CPU with bf16 matrix support, else "fp32"."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    try:
+        bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        bf16 = False
+    return "bf16" if bf16 and n_pairs >= AUTO_BF16_PAIRS else "fp32"
+
+
 def sample_gallery(pids, max_images=0, max_ids=0, seed=0):
     """Sorted positions of a seeded sample of a gallery given its ids: first at most `max_ids` identities (all
     their items), then at most `max_images` items of those. 0 = no limit. The same (pids, limits, seed) give the
     same sample on every machine (numpy's PCG64)."""
+    if min(max_images, max_ids) < 0:
+        raise ValueError(f"max_images and max_ids must be >= 0, got {max_images} and {max_ids}")
     pids = np.asarray(pids)
     keep = np.arange(len(pids))
     rng = np.random.default_rng(seed)
@@ -504,10 +520,9 @@ def _score_pass(a_emb, a_pids, b_emb, b_pids, *, cap_img_index=None, rank_rows=F
     """
     if numba is None:
         raise RuntimeError("metrics.py needs numba (pip install numba; it is in requirements.txt)")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     nA, dA, _ = _rows_of(a_emb, names[0])
     nB, dB, _ = _rows_of(b_emb, names[1])
+    precision = pick_precision(precision, nA * nB)
     if dA != dB:
         raise ValueError(f"{names[0]} is {dA}-d but {names[1]} is {dB}-d")
     apid = _ints(a_pids, names[0].replace("emb", "pids"), nA)
@@ -762,7 +777,7 @@ class _Verification:
         self.inwin = np.zeros(E + 1, np.bool_)
         for wl, wh in wins.values():  # interval e = [edges[e-1], edges[e]) lies inside a window
             self.inwin[1:] |= (lower >= wl) & (upper <= wh)
-        cap = int(min(_MAX_WINDOW, 1.25 * expect) / T) + 1024 if wins else 1
+        cap = max(1, int(min(_MAX_WINDOW, 1.25 * expect + 1024) / T)) if wins else 1
         self.icnt, self.wbuf, self.wn = np.zeros((T, E + 1), np.int64), np.zeros((T, cap), np.float32), \
             np.zeros(T, np.int64)
         self.windows = wins
@@ -1056,7 +1071,8 @@ def evaluate_embeddings(img_emb, cap_emb, cap_img_index, img_pids, cap_pids, far
     """verification + text->image and image->text retrieval on the same embeddings, in ONE pass over the pairs
     (each score computed once serves all three). Returns {"verification": ..., "t2i": ..., "i2t": ...,
     "headline": flat dict (see `headline`), "timing": seconds per stage (prepare_s, band_s, pass_s and its
-    pass_gemm_s, finish_s) with tiles, tile_shape, threads, precision, extra_tiles (fallback passes)}. precision: "fp32" or "bf16" (see the module docstring)."""
+    pass_gemm_s, finish_s) with tiles, tile_shape, threads, precision, extra_tiles (fallback passes)}.
+    precision: "fp32", "bf16" or "auto" (see the module docstring)."""
     r = _score_pass(img_emb, img_pids, cap_emb, cap_pids, cap_img_index=cap_img_index, rank_rows=True,
                     rank_cols=True, far_levels=far_levels, top_k=top_k, ks=ks, block=block, normalize=normalize,
                     precision=precision, progress=progress, names=("img_emb", "cap_emb"))
