@@ -93,6 +93,8 @@ def embed_split(model, records, indices, cfg, device="cpu", langs=("en",), batch
 
 
 def main(args):
+    if min(args.max_images, args.max_ids) < 0:
+        raise SystemExit(f"error: --max_images and --max_ids must be >= 0, got {args.max_images}, {args.max_ids}")
     try:
         ckpt = load_checkpoint(args.checkpoint)
     except ValueError as e:
