@@ -35,6 +35,7 @@ reference, ties included -- not a histogram approximation. How (see `_score_pass
 """
 import contextlib
 import math
+import os
 import sys
 import time
 
@@ -44,6 +45,11 @@ import torch
 try:  # the per-score work is a compiled loop; numpy would need ~15 passes over every score
     import numba
     from numba import njit, prange
+
+    # numba's own thread pool, not a second OpenMP runtime: two OpenMP pools (torch's GEMM, numba's kernels)
+    # spinning against each other on 2 cores made the pass 5x slower (set NUMBA_THREADING_LAYER to override)
+    if "NUMBA_THREADING_LAYER" not in os.environ:
+        numba.config.THREADING_LAYER = "workqueue"
 except ImportError:  # pragma: no cover - requirements.txt installs numba
     numba = None
 

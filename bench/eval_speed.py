@@ -12,12 +12,16 @@ Peak RSS is the process's high-water mark (resource.getrusage), which includes t
 (printed first). CPU time is printed beside wall time: on a shared machine wall time also measures the neighbours
 (the load average is printed too).
 """
-import argparse
 import os
-import resource
-import sys
-import time
-from pathlib import Path
+
+# as evaluation_model.py / evaluation_labels.py do before torch loads OpenMP: idle GEMM threads sleep instead of
+# spinning against the counting threads
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import argparse  # noqa: E402
+import resource  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
