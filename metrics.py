@@ -645,8 +645,8 @@ def _score_pass(a_emb, a_pids, b_emb, b_pids, *, cap_img_index=None, rank_rows=F
     bar = None
     if progress:
         from tqdm import tqdm
-        what = " + ".join((["verification"] if ver else []) + (["ranking " + names[0]] if rank_rows else []) +
-                          (["ranking " + names[1]] if rank_cols else []))
+        what = " + ".join((["verification"] if ver else []) + (["image->text" if ver else "retrieval"] if rank_rows
+                                                                 else []) + (["text->image"] if rank_cols else []))
         print(f"metrics: {nA:,} x {nB:,} = {nA * nB:,} pairs ({what}) in one pass; {len(band)} band tiles took "
               f"{time.time() - t_band:.1f}s", file=sys.stderr, flush=True)
         bar = tqdm(total=nA * nB, unit="pair", unit_scale=True, desc="scoring", file=sys.stderr, mininterval=2)
@@ -678,8 +678,8 @@ def _score_pass(a_emb, a_pids, b_emb, b_pids, *, cap_img_index=None, rank_rows=F
         if bar is not None:
             if q == 0:
                 est = (time.time() - t_pass) * len(all_tiles)
-                print(f"metrics: estimated {est:.0f}s for the pass (timed on the first {nr}x{nc} block)",
-                      file=sys.stderr, flush=True)
+                bar.write(f"metrics: estimated {est:.0f}s for the pass (timed on the first {nr}x{nc} block)",
+                          file=sys.stderr)
             bar.update(nr * nc)
     if bar is not None:
         bar.close()
