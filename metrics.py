@@ -242,7 +242,7 @@ def _band_kernel(S, Sb, i0, j0, nr, nc, clo, chi, roff, ps, hist, want_hist):
                         continue
                     v = np.int64(Sb[r, c])
                     mono = v ^ ((v >> 31) & 0x7FFFFFFF)
-                    hist[t, (mono >> 12) + 524288] += 1
+                    hist[t, (mono >> 12) + 524288] += 1  # _SAMPLE_BINS // 2 (2^20 bins of 2^12 codes)
 
 
 @njit(cache=True, nogil=True, inline="always")

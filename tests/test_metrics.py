@@ -315,8 +315,7 @@ def test_duplicate_gallery_rows_tie_exactly(block, tile_rows, monkeypatch):
     check_retrieval(res["i2t"], ref_retrieval(img, ip, cap, cp))
 
 
-@pytest.mark.parametrize("fp32_check", [True])
-def test_bf16_precision_is_exact_for_its_scores(fp32_check):
+def test_bf16_precision_is_exact_for_its_scores():
     """precision="bf16" = exact figures for the float32 scores of bf16-rounded embeddings (dyadic data on a
     2^-6 grid is bf16-exact, so they equal fp32's here), and close to fp32 on continuous data."""
     img, cap, cii, ip, cp = make_case(6, grid=64)
