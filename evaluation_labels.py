@@ -4,6 +4,7 @@ labels the student distils from are -- the seed README's `python evaluation_labe
     python evaluation_labels.py --data SYNTH-PEDES/synthpedes-dataset.json --embedding_path embeddings
     python evaluation_labels.py --data data.json --embedding_path embeddings --split all --langs en,zh --json t.json
     python evaluation_labels.py --data data.json --embedding_path embeddings --image_field attributes
+    python evaluation_labels.py --data SYNTH-PEDES/synthpedes-dataset.json --embedding_path embeddings --max_ids 10000
 
 Pairs as in metrics.verification: an image with its own captions is a positive, an image with a caption of another
 identity a negative. Images = the split's records whose image row is done in the cache; captions = those records'
@@ -13,16 +14,20 @@ retrieval. --json writes every figure (atomically). --image_field attributes / p
 (the record's attribute string / prompt caption, embedded as text) on the image side. (A cache of the attribute
 teacher, `--teacher attributes`, already stores the attribute text in its image field.)
 """
-import argparse
-import json
 import os
-import sys
-import time
 
-import numpy as np
+# Before torch loads OpenMP (metrics imports it): idle GEMM threads sleep instead of spinning against the
+# evaluation's counting threads (5x slower on 2 cores otherwise; see metrics.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import argparse  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
 
-import data as data_lib
-import metrics
+import numpy as np  # noqa: E402
+
+import data as data_lib  # noqa: E402
+import metrics  # noqa: E402
 
 FIELD_CHOICES = ("image", "attributes", "prompt_caption")
 
@@ -38,8 +43,13 @@ def get_args_parser(add_help=False):
     p.add_argument("--langs", default="en", help="caption languages, comma-separated: en, zh or en,zh")
     p.add_argument("--image_field", choices=FIELD_CHOICES, default="image",
                    help="cache field on the image side (attributes / prompt_caption: that text, embedded)")
+    p.add_argument("--max_ids", type=int, default=0,
+                   help="evaluate a seeded random sample of N identities of the split (all their images); 0 = all")
     p.add_argument("--max_images", type=int, default=0,
-                   help="evaluate only the split's first N images (with an embedding) and their captions; 0 = all")
+                   help="then a seeded random sample of N of those images (with an embedding) and their captions")
+    p.add_argument("--sample_seed", type=int, default=0, help="seed of the --max_ids / --max_images sample")
+    p.add_argument("--precision", choices=metrics.PRECISIONS, default="auto",
+                   help="score precision (metrics.py): auto = bf16 matrix units from 2^30 pairs on, where supported")
     p.add_argument("--top_k", type=int, default=15, help="length of the false reject / false accept lists")
     p.add_argument("--block", type=int, default=metrics.DEFAULT_BLOCK, help="scores held in memory at once")
     p.add_argument("--json", default=None, help="write every figure to this file")
@@ -77,8 +87,9 @@ def main(args):
     bad = [s for s in langs if s not in data_lib.LANGS]
     if not langs or bad:
         _fail(f"--langs must be a comma-separated subset of {','.join(data_lib.LANGS)}, got {args.langs!r}")
-    if args.top_k < 0 or args.max_images < 0:
-        _fail(f"--top_k and --max_images must be >= 0, got {args.top_k} and {args.max_images}")
+    if min(args.top_k, args.max_images, args.max_ids) < 0:
+        _fail(f"--top_k, --max_images and --max_ids must be >= 0, got {args.top_k}, {args.max_images}, "
+              f"{args.max_ids}")
     if args.block < 1:
         _fail(f"--block must be >= 1, got {args.block}")
     try:
@@ -94,8 +105,13 @@ def main(args):
         img_done, cap_done = cache.done(args.image_field), cache.done("caption")
     except (CacheMismatchError, OSError) as e:
         _fail(e)
-    if args.max_images:
-        indices = [r for r in indices if img_done[r]][:args.max_images]
+    if args.max_images or args.max_ids:  # a seeded sample, for galleries like the full SYNTH-PEDES test split
+        cand = [r for r in indices if img_done[r]]
+        keep = metrics.sample_gallery([records[r]["id"] for r in cand], args.max_images, args.max_ids,
+                                      args.sample_seed)
+        indices = [cand[k] for k in keep]
+        print(f"sample (seed {args.sample_seed}): {len(indices)} of the split's {len(cand)} images with an "
+              f"embedding (--max_ids {args.max_ids}, --max_images {args.max_images})")
     where = f"split '{args.split}' ({len(indices)} records) of {args.data}"
     if not len(indices):
         _fail(f"{where}: no records (try --split all or a larger --test_ratio)")
@@ -115,12 +131,15 @@ def main(args):
               f"as negatives and queries)")
 
     t0 = time.time()
+    n_pairs = len(sel["img_rows"]) * len(sel["cap_rows"])
+    print(f"scoring {n_pairs:,} image-caption pairs once (verification + both retrieval directions), precision "
+          f"{metrics.pick_precision(args.precision, n_pairs)}")
     img_emb = np.asarray(cache.array(args.image_field)[sel["img_rows"]])  # float16 copies of just these rows
     cap_emb = np.asarray(cache.array("caption")[sel["cap_rows"]])
     try:
         res = metrics.evaluate_embeddings(img_emb, cap_emb, sel["cap_img_index"], sel["img_pids"], sel["cap_pids"],
-                                          top_k=args.top_k, block=args.block, normalize=True,
-                                          progress=len(img_emb) * len(cap_emb) > 5e8)
+                                          top_k=args.top_k, block=args.block, normalize=True, progress=True,
+                                          precision=args.precision)
     except ValueError as e:  # e.g. no positive pair: every selected caption lost its image
         _fail(f"{where}: {e}")
     v = res["verification"]

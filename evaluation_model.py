@@ -2,6 +2,7 @@
 
     python evaluation_model.py logs/expModel-res_tiny-224x112-512/1/last.pt
     python evaluation_model.py <ckpt> --data SYNTH-PEDES/synthpedes-dataset.json --langs zh --json eval.json
+    python evaluation_model.py <ckpt> --data SYNTH-PEDES/synthpedes-dataset.json --max_ids 10000   # a seeded sample
 A --text_only student lives in the teacher's space: its captions are matched against the teacher's image cache
 (the gallery a teacher-enrolled search would hold):
     python evaluation_model.py <text_only ckpt> --embedding_path embeddings
@@ -41,6 +42,12 @@ def get_args_parser(add_help=False):
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")
+    p.add_argument("--max_ids", type=int, default=0,
+                   help="evaluate a seeded random sample of N identities of the split (all their images); 0 = all")
+    p.add_argument("--max_images", type=int, default=0, help="then a seeded random sample of N of those images")
+    p.add_argument("--sample_seed", type=int, default=0, help="seed of the --max_ids / --max_images sample")
+    p.add_argument("--precision", choices=metrics.PRECISIONS, default="auto",
+                   help="score precision (metrics.py): auto = bf16 matrix units from 2^30 pairs on, where supported")
     p.add_argument("--json", default=None, help="write every figure to this file")
     p.add_argument("--plots", default=None, metavar="DIR",
                    help="write det.png (ROC/DET, with the teacher when its cache is there), retrieval.png (a few "
@@ -102,6 +109,8 @@ def caption_name(records, offsets, cap):
 def main(args):
     import opts
     opts.validate_args(args)  # the flags this script shares with main.py: same ranges, same messages
+    if min(args.max_images, args.max_ids) < 0:
+        fail(f"--max_images and --max_ids must be >= 0, got {args.max_images}, {args.max_ids}")
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         fail(f"--json {args.json}: its folder does not exist")
     try:
@@ -152,6 +161,11 @@ def main(args):
         idx = [idx[k] for k in ok]
     if not idx:
         fail("no evaluable images in the selected split")
+    if args.max_images or args.max_ids:  # a seeded sample, for galleries like the full SYNTH-PEDES test split
+        n_all = len(idx)
+        idx = [idx[k] for k in metrics.sample_gallery([records[i]["id"] for i in idx], args.max_images,
+                                                       args.max_ids, args.sample_seed)]
+        print(f"sample (seed {args.sample_seed}): {len(idx)} of {n_all} images")
     langs = tuple(s for s in args.langs.split(",") if s)
     emb = embed_split(model, records, idx, cfg, device=device, langs=langs, batch_size=args.batch_size,
                       workers=args.workers)
@@ -161,8 +175,11 @@ def main(args):
         fail(f"the selected split has no captions in languages {args.langs}")
     print(f"{len(idx)} images, {len(emb['cap_texts'])} captions ({args.langs}), "
           f"{len(set(emb['img_pids'].tolist()))} identities, split={args.split}")
+    n_pairs = len(emb["img_emb"]) * len(emb["cap_emb"])
+    print(f"scoring {n_pairs:,} image-caption pairs once (verification + both retrieval directions), precision "
+          f"{metrics.pick_precision(args.precision, n_pairs)}")
     res = metrics.evaluate_embeddings(emb["img_emb"], emb["cap_emb"], emb["cap_img_index"], emb["img_pids"],
-                                      emb["cap_pids"], top_k=args.top_k)
+                                      emb["cap_pids"], top_k=args.top_k, precision=args.precision, progress=True)
     print(metrics.format_verification_table(res["verification"]))
     print(metrics.format_error_lists(res["verification"], emb["img_names"], emb["cap_names"], args.top_k))
     print(metrics.format_retrieval(res["t2i"], res["i2t"]))

@@ -127,21 +127,22 @@ def test_verification_matches_reference(seed, block, tile_rows, monkeypatch):
     check_verification(res, ref_verification(img, cap, cii, ip, cp))
 
 
-@pytest.mark.parametrize("grid,cells,tile_rows,per_cell", [(4, 16, 256, 16), (4, 16, 3, 16), (2, 16, 5, 16),
-                                                           (8, 1, 256, 16), (1024, 1, 4, 16), (1024, 1, 4, 0)])
-def test_verification_ties(grid, cells, tile_rows, per_cell, monkeypatch):
+@pytest.mark.parametrize("grid,bins,tile_rows,pcap", [(4, 1 << 14, 256, 32), (4, 16, 3, 32), (2, 4, 5, 1),
+                                                       (8, 1, 256, 32), (1024, 2, 4, 32), (1024, 1 << 14, 4, 1)])
+def test_verification_ties(grid, bins, tile_rows, pcap, monkeypatch):
     """Coarse grids: thousands of equal scores across positives, negatives and tile boundaries (rows and columns);
-    cells=1 puts most scores in lookup cells that hold a positive (the look-closer path; per_cell=0: its binary
-    search fallback)."""
-    monkeypatch.setattr(metrics, "_CELLS_PER_POSITIVE", cells)
-    monkeypatch.setattr(metrics, "_MAX_PER_CELL", per_cell)
+    a coarse histogram (bins) and the binary-search ranking path (pcap=1) on the way."""
+    monkeypatch.setattr(metrics, "_HIST_BINS", bins)
+    monkeypatch.setattr(metrics, "_PCAP", pcap)
     monkeypatch.setattr(metrics, "_TILE_ROWS", tile_rows)
     img, cap, cii, ip, cp = make_case(10 + grid, n_id=15, dim=6, grid=grid, noise=0.7)
     S = img.astype(np.float64) @ cap.T
     if grid <= 8:
         assert len(np.unique(S)) < S.size / 10  # really tied
-    res = metrics.verification(img, cap, cii, ip, cp, far_levels=LEVELS, top_k=7, block=50)
-    check_verification(res, ref_verification(img, cap, cii, ip, cp, top_k=7))
+    r = metrics.evaluate_embeddings(img, cap, cii, ip, cp, far_levels=LEVELS, top_k=7, block=50)
+    check_verification(r["verification"], ref_verification(img, cap, cii, ip, cp, top_k=7))
+    check_retrieval(r["t2i"], ref_retrieval(cap, cp, img, ip))
+    check_retrieval(r["i2t"], ref_retrieval(img, ip, cap, cp))
 
 
 def test_verification_continuous_float32():
@@ -269,6 +270,123 @@ def test_retrieval_excludes_queries_without_match():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# one score per pair: identical rows tie exactly, the lower index wins (continuous float32 data)
+
+def _continuous_case(seed, n_id=10, dim=24):
+    rng = np.random.default_rng(seed)
+    img, cap, cii, ip, cp = make_case(seed, n_id=n_id, dim=dim, grid=1 << 20, orphan=0.0)
+    img = img + rng.normal(scale=1e-3, size=img.shape).astype(np.float32)
+    cap = cap + rng.normal(scale=1e-3, size=cap.shape).astype(np.float32)
+    return img, cap, cii, ip, cp
+
+
+@pytest.mark.parametrize("block,tile_rows", [(1, 256), (7, 2), (64, 4), (1 << 22, 256)])
+def test_duplicate_gallery_rows_tie_exactly(block, tile_rows, monkeypatch):
+    """Query 0's own image has an exact copy of another identity at a lower index: the two score the same
+    (one computation per pair), so the copy ranks first (R@1 = 0, AP = 1/2 for that query); the seed's defect
+    (the positive scored by a separate dot product) could put the positive 1 ulp ahead. Same for verification:
+    the copy's negative pair ties the positive pair, so FAR at that positive's score counts it."""
+    monkeypatch.setattr(metrics, "_TILE_ROWS", tile_rows)
+    rng = np.random.default_rng(1)
+    g = rng.normal(size=(9, 37)).astype(np.float32)
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    g[2] = g[6]  # a copy, lower index, other identity
+    gp = np.arange(9)
+    q = (g[6] + 0.01 * rng.normal(size=37)).astype(np.float32)[None]
+    r = metrics.retrieval(q, [6], g, gp, ks=(1, 2), block=block)
+    assert r["R@1"] == 0.0 and r["R@2"] == 100.0 and r["mAP"] == pytest.approx(50.0)
+    # the same through evaluate_embeddings, both directions and verification against the float64 reference
+    img, cap, cii, ip, cp = _continuous_case(4)
+    dup = np.flatnonzero(ip != ip[5])[0]  # an image of another identity becomes a copy of image 5
+    img[dup] = img[5]
+    capdup = np.flatnonzero(cp != cp[3])[-1]  # and a caption a copy of caption 3
+    cap[capdup] = cap[3]
+    res = metrics.evaluate_embeddings(img, cap, cii, ip, cp, far_levels=LEVELS, top_k=5, block=block)
+    ref = ref_verification(img, cap, cii, ip, cp)
+    v = res["verification"]
+    assert v["n_pos"] == ref["n_pos"] and v["n_neg"] == ref["n_neg"]
+    assert v["eer"] == pytest.approx(ref["eer"], rel=1e-12)  # counts at every threshold agree, ties included
+    assert v["eer_threshold"] == pytest.approx(ref["eer_threshold"], abs=1e-6)
+    for e, rr in zip(v["far_levels"], ref["levels"]):
+        assert e["resolvable"] == (rr is not None)
+        if rr is not None:
+            assert e["frr"] == pytest.approx(rr[0], rel=1e-12)
+    assert [(i, j) for i, j, _ in v["false_accepts"]] == [(i, j) for i, j, _ in ref["false_accepts"]]
+    check_retrieval(res["t2i"], ref_retrieval(cap, cp, img, ip))
+    check_retrieval(res["i2t"], ref_retrieval(img, ip, cap, cp))
+
+
+def test_bf16_precision_is_exact_for_its_scores():
+    """precision="bf16" = exact figures for the float32 scores of bf16-rounded embeddings (dyadic data on a
+    2^-6 grid is bf16-exact, so they equal fp32's here), and close to fp32 on continuous data."""
+    img, cap, cii, ip, cp = make_case(6, grid=64)
+    a = metrics.evaluate_embeddings(img, cap, cii, ip, cp, block=60)
+    b = metrics.evaluate_embeddings(img, cap, cii, ip, cp, block=60, precision="bf16")
+    assert a["headline"] == b["headline"]
+    img, cap, cii, ip, cp = _continuous_case(2)
+    a = metrics.evaluate_embeddings(img, cap, cii, ip, cp, block=60)
+    b = metrics.evaluate_embeddings(img, cap, cii, ip, cp, block=60, precision="bf16")
+    assert b["headline"]["eer"] == pytest.approx(a["headline"]["eer"], abs=2.0)
+    assert metrics.pick_precision("auto", 10) == "fp32" and metrics.pick_precision("fp32", 1 << 40) == "fp32"
+    with pytest.raises(ValueError, match="precision"):
+        metrics.verification(img, cap, cii, ip, cp, precision="fp8")
+
+
+def test_sample_misled_fallback_passes(monkeypatch):
+    """The band sample predicts the EER region and the FAR windows; a corrupted sample (shifted histogram) and
+    tiny window buffers force the exact fallback passes, and the figures still equal the reference."""
+    orig = metrics._band_kernel
+
+    def shifted(S, Sb, i0, j0, nr, nc, clo, chi, roff, ps, hist, want):
+        orig(S, Sb, i0, j0, nr, nc, clo, chi, roff, ps, hist, want)
+        hist[:] = np.roll(hist, 3000, axis=1)  # every sampled negative looks much higher than it is
+
+    for patch in ("shift", "overflow"):
+        with monkeypatch.context() as mp:
+            if patch == "shift":
+                mp.setattr(metrics, "_band_kernel", shifted)
+            else:
+                mp.setattr(metrics, "_MAX_WINDOW", 1)
+                mp.setattr(metrics, "_HIST_BINS", 8)
+            img, cap, cii, ip, cp = make_case(8, n_id=20)
+            r = metrics.evaluate_embeddings(img, cap, cii, ip, cp, far_levels=LEVELS, top_k=5, block=200)
+            assert r["timing"]["extra_tiles"] > 0  # the fallback pass ran
+            check_verification(r["verification"], ref_verification(img, cap, cii, ip, cp))
+            check_retrieval(r["t2i"], ref_retrieval(cap, cp, img, ip))
+
+
+def test_verification_curve_matches_reference():
+    img, cap, cii, ip, cp = make_case(9, n_id=20)
+    v = metrics.verification(img, cap, cii, ip, cp, block=300)
+    c = metrics.verification_curve(v)
+    S = img.astype(np.float64) @ cap.T.astype(np.float64)
+    P = np.array([S[i, j] for j, i in enumerate(cii) if i >= 0])
+    N = S[ip[:, None] != cp[None, :]]
+    assert len(c["threshold"]) > 10 and np.all(np.diff(c["threshold"]) > 0)
+    assert np.all(np.diff(c["far"]) <= 0) and np.all(np.diff(c["frr"]) >= 0)
+    for t, far, frr in zip(c["threshold"], c["far"], c["frr"]):
+        assert far == (N >= t).sum() / len(N) and frr == (P < t).sum() / len(P)
+    thin = metrics.verification_curve(v, max_points=20)
+    assert len(thin["threshold"]) <= 20 and set(thin["threshold"]) <= set(c["threshold"])
+    assert "_curve" not in metrics.to_jsonable(v)
+    with pytest.raises(ValueError, match="_curve"):
+        metrics.verification_curve(metrics.to_jsonable(v))
+
+
+def test_sample_gallery():
+    pids = np.repeat(np.arange(50), 4)
+    a = metrics.sample_gallery(pids, max_ids=10, seed=3)
+    assert len(a) == 40 and len(np.unique(pids[a])) == 10 and np.all(np.diff(a) > 0)
+    assert np.array_equal(a, metrics.sample_gallery(pids, max_ids=10, seed=3))
+    assert not np.array_equal(a, metrics.sample_gallery(pids, max_ids=10, seed=4))
+    b = metrics.sample_gallery(pids, max_images=7, max_ids=10, seed=3)
+    assert len(b) == 7 and set(b) <= set(a)
+    assert len(metrics.sample_gallery(pids)) == 200 and len(metrics.sample_gallery(pids, max_images=500)) == 200
+    with pytest.raises(ValueError, match=">= 0"):
+        metrics.sample_gallery(pids, max_ids=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # printing
 
 SEED_TABLE = """\
@@ -391,12 +509,20 @@ def test_evaluation_labels_errors(tmp_path, capsys):
     assert code == 2 and "--langs" in err
 
 
-def test_evaluation_labels_max_images(tmp_path, capsys):
+def test_evaluation_labels_sample(tmp_path, capsys):
+    """--max_ids / --max_images: a seeded sample of identities, then of images; equal to metrics on that subset."""
     import evaluation_labels
-    path, emb, _ = _tiny_dataset(tmp_path)
-    args = evaluation_labels.get_args_parser(add_help=True).parse_args(
-        ["--data", str(path), "--embedding_path", str(emb), "--max_images", "4", "--top_k", "2"])
-    res = evaluation_labels.main(args)
+    path, emb, records = _tiny_dataset(tmp_path, n_id=8)
+    parse = evaluation_labels.get_args_parser(add_help=True).parse_args
+    base = ["--data", str(path), "--embedding_path", str(emb), "--top_k", "2"]
+    res = evaluation_labels.main(parse(base + ["--max_ids", "3", "--sample_seed", "5"]))
     out = capsys.readouterr().out
-    assert ": 4 images, 8 captions (en), 2 identities" in out and "Top-2 False Rejected:" in out
-    assert res["verification"]["n_pos"] == 8 and res["verification"]["n_neg"] == 4 * 8 - 4 * 4
+    assert "sample (seed 5): " in out and ", 3 identities" in out and "Top-2 False Rejected:" in out
+    assert "scoring " in out and " pairs once" in out
+    again = evaluation_labels.main(parse(base + ["--max_ids", "3", "--sample_seed", "5"]))
+    assert again["headline"] == res["headline"]
+    res2 = evaluation_labels.main(parse(base + ["--max_ids", "3", "--max_images", "4", "--sample_seed", "5"]))
+    assert ": 4 images, 8 captions (en)" in capsys.readouterr().out
+    assert res2["verification"]["n_pos"] == 8
+    code, err = _run_inproc(capsys, *base, "--max_ids", "-1")
+    assert code == 2 and "--max_ids" in err
