@@ -92,6 +92,51 @@ def _first_str(rec, key, path, i):
     return v
 
 
+def parse_record(rec, path, i, root):
+    """One raw JSON record -> Record (ids not yet shifted, see id_shift); DatasetError names the record.
+    The one validation rule: load_records and the record store (record_store.py) both call it."""
+    if not isinstance(rec, dict):
+        raise DatasetError(f"{path}: record {i}: expected an object, got {type(rec).__name__}")
+    fp = rec.get("file_path", rec.get("img_path"))
+    if not isinstance(fp, str) or not fp:
+        raise DatasetError(f"{path}: record {i}: missing 'file_path' (or 'img_path')")
+    pid = rec.get("id")
+    if type(pid) is not int:  # bool is an int subclass, and 3.0 / "3" are not ids
+        raise DatasetError(f"{path}: record {i}: 'id' must be an integer, got {pid!r:.40}")
+    captions = _str_list(rec, "captions", path, i, required=True)
+    captions_zh = _str_list(rec, "captions_zh", path, i, required=False)
+    if captions_zh and len(captions_zh) != len(captions):
+        raise DatasetError(f"{path}: record {i}: 'captions_zh' has {len(captions_zh)} entries but "
+                           f"'captions' has {len(captions)} (they must be parallel)")
+    split = rec.get("split")
+    if split is not None and not isinstance(split, str):
+        raise DatasetError(f"{path}: record {i}: 'split' must be a string")
+    return dict(id=pid, file_path=fp, image_path=os.path.join(root, fp), captions=captions,
+                captions_zh=captions_zh, attributes=_first_str(rec, "attributes", path, i),
+                prompt_caption=_first_str(rec, "prompt_caption", path, i),
+                split=split.strip().lower() if split else None, index=i)
+
+
+def id_shift(path, head, ids):
+    """1 when the file numbers identities from 1 (CUHK-PEDES), else 0; DatasetError on a negative id.
+    `head`: the first raw records (format sniffing), `ids`: every parsed id in record order."""
+    # CUHK-PEDES (reid_raw.json, recognised by its processed_tokens) numbers identities from 1. ICFG-PEDES has the
+    # same keys but starts at 0, so shift only when no id is 0: shifting never merges ids, but -1 would be wrong.
+    is_cuhk = os.path.basename(path) == "reid_raw.json" or any("processed_tokens" in r for r in head
+                                                               if isinstance(r, dict))
+    min_id, first_neg = None, None
+    for i, pid in enumerate(ids):
+        if min_id is None or pid < min_id:
+            min_id = pid
+        if pid < 0 and first_neg is None:
+            first_neg = (i, pid)
+    if is_cuhk and min_id >= 1:
+        return 1
+    if first_neg is not None:
+        raise DatasetError(f"{path}: record {first_neg[0]}: 'id' must be >= 0, got {first_neg[1]}")
+    return 0
+
+
 def load_records(json_path, image_root=None):
     """Read a dataset JSON into a list of Records (see the module docstring for the formats)."""
     path = str(json_path)
@@ -112,38 +157,11 @@ def load_records(json_path, image_root=None):
     if not raw:
         raise DatasetError(f"{path}: contains no records")
     root = os.path.abspath(image_root if image_root is not None else os.path.dirname(os.path.abspath(path)))
-    records = []
-    for i, rec in enumerate(raw):
-        if not isinstance(rec, dict):
-            raise DatasetError(f"{path}: record {i}: expected an object, got {type(rec).__name__}")
-        fp = rec.get("file_path", rec.get("img_path"))
-        if not isinstance(fp, str) or not fp:
-            raise DatasetError(f"{path}: record {i}: missing 'file_path' (or 'img_path')")
-        pid = rec.get("id")
-        if type(pid) is not int:  # bool is an int subclass, and 3.0 / "3" are not ids
-            raise DatasetError(f"{path}: record {i}: 'id' must be an integer, got {pid!r:.40}")
-        captions = _str_list(rec, "captions", path, i, required=True)
-        captions_zh = _str_list(rec, "captions_zh", path, i, required=False)
-        if captions_zh and len(captions_zh) != len(captions):
-            raise DatasetError(f"{path}: record {i}: 'captions_zh' has {len(captions_zh)} entries but "
-                               f"'captions' has {len(captions)} (they must be parallel)")
-        split = rec.get("split")
-        if split is not None and not isinstance(split, str):
-            raise DatasetError(f"{path}: record {i}: 'split' must be a string")
-        records.append(dict(id=pid, file_path=fp, image_path=os.path.join(root, fp), captions=captions,
-                            captions_zh=captions_zh, attributes=_first_str(rec, "attributes", path, i),
-                            prompt_caption=_first_str(rec, "prompt_caption", path, i),
-                            split=split.strip().lower() if split else None, index=i))
-    # CUHK-PEDES (reid_raw.json, recognised by its processed_tokens) numbers identities from 1. ICFG-PEDES has the
-    # same keys but starts at 0, so shift only when no id is 0: shifting never merges ids, but -1 would be wrong.
-    is_cuhk = os.path.basename(path) == "reid_raw.json" or any("processed_tokens" in r for r in raw[:100])
-    min_id = min(r["id"] for r in records)
-    if is_cuhk and min_id >= 1:
+    records = [parse_record(rec, path, i, root) for i, rec in enumerate(raw)]
+    shift = id_shift(path, raw[:100], (r["id"] for r in records))
+    if shift:
         for r in records:
-            r["id"] -= 1
-    elif min_id < 0:
-        i = next(i for i, r in enumerate(records) if r["id"] < 0)
-        raise DatasetError(f"{path}: record {i}: 'id' must be >= 0, got {records[i]['id']}")
+            r["id"] -= shift
     return records
 
 
