@@ -8,6 +8,9 @@ Images are relative to the JSON's folder unless `image_root` is given.
 
 Inspect a dataset (record/identity/caption counts, split sizes, optionally decode every image):
   python data.py --data SYNTH-PEDES/synthpedes-dataset.json --check_images
+Build the record store once (memory-mapped columns + the image check; main.py and tools/extract_label.py then map
+it instead of parsing the JSON, see record_store.py):
+  python data.py --data SYNTH-PEDES/synthpedes-dataset.json --index
   python data.py --data CUHK-PEDES/reid_raw.json --image_root CUHK-PEDES/imgs
 """
 import argparse
@@ -179,6 +182,8 @@ def dataset_hash(json_path):
 
 def caption_offsets(records):
     """int64[N+1]: record r's caption rows are offsets[r] .. offsets[r+1]-1 (en first, then zh)."""
+    if hasattr(records, "caption_offsets"):  # a record_store.RecordStore holds them as a column
+        return records.caption_offsets()
     counts = np.fromiter((len(r["captions"]) + len(r["captions_zh"]) for r in records), np.int64, len(records))
     return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
@@ -242,6 +247,8 @@ def _image_status(path, decode):
 def check_images(records, indices=None, decode=True, num_threads=4):
     """Find usable images -> (ok_indices, n_missing, n_corrupt). Zero-byte files count as undecodable.
     Threads help because PIL releases the GIL while decoding."""
+    if hasattr(records, "checked_images"):  # a record store: checked once when it was built, never again
+        return records.checked_images(indices)
     indices = range(len(records)) if indices is None else indices
     idx = list(indices)
     paths = [records[i]["image_path"] for i in idx]
@@ -319,7 +326,11 @@ class DistillDataset(Dataset):
         self.offsets = caption_offsets(records)
         self.compose_prob, self.compose_zh_prob = float(compose_prob), float(compose_zh_prob)
         self.max_seq_length, self.vocab_size, self.seed, self.epoch = max_seq_length, vocab_size, seed, 0
-        keep = [int(r) for r in indices if self._rows(int(r)) or (self.compose_prob > 0 and records[r]["attributes"])]
+        if hasattr(records, "usable"):  # a record store: the same rule on its columns, no per-record objects
+            keep = records.usable(indices, self.langs, self.compose_prob > 0)
+        else:
+            keep = [int(r) for r in indices
+                    if self._rows(int(r)) or (self.compose_prob > 0 and records[r]["attributes"])]
         self.indices = np.asarray(keep, dtype=np.int64)
         self.n_dropped = len(indices) - len(keep)
         if len(self.indices) == 0:
@@ -446,15 +457,31 @@ def get_args_parser(add_help=True):
     p.add_argument("--test_ratio", type=float, default=0.1, help="identity hold-out when the JSON has no split")
     p.add_argument("--check_images", action="store_true", help="decode every image and count the bad ones")
     p.add_argument("--num_threads", type=int, default=4)
+    p.add_argument("--index", action="store_true",
+                   help="build the record store (record_store.py) if it is missing or stale, then summarise from it")
+    p.add_argument("--record_store", default=None, help="record store folder (default: <json stem>.records beside it)")
+    p.add_argument("--image_check", default="auto", choices=["auto", "decode", "header", "none"],
+                   help="image check run once by --index: auto = decode up to 200k records, header-only above")
     return p
 
 
 def main(args):
     try:
-        records = load_records(args.data, args.image_root)
+        if args.index:
+            import record_store
+            records = record_store.ensure(args.data, args.image_root, args.record_store, args.image_check,
+                                          num_threads=args.num_threads)
+            print(records.summary())
+        else:
+            records = load_records(args.data, args.image_root)
         train, test = (split_records(records, args.test_ratio, s) for s in ("train", "test"))
     except (DatasetError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
+    if args.index:  # counts come from the store's columns: no pass over millions of records here
+        ids = records.ids
+        print(f"split: {len(train)} train / {len(test)} test images, "
+              f"{len(np.unique(ids[train]))} / {len(np.unique(ids[test]))} identities")
+        return
     n_zh = sum(len(r["captions_zh"]) for r in records)
     print(f"{args.data}: {len(records)} images, {len({r['id'] for r in records})} identities, "
           f"{len(caption_rows(records)) - n_zh} en + {n_zh} zh captions, "
