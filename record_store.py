@@ -335,13 +335,13 @@ def _stale(path, sha, root):
 
 
 def ensure(json_path, image_root=None, store=None, check="auto", builder=True, num_threads=4, progress=True,
-           poll_s=2.0):
+           poll_s=2.0, sha=None):
     """The store of `json_path`, built first when missing or stale (JSON changed, other image root).
     builder=False (torchrun ranks other than each node's local rank 0): wait for the builder instead of building;
-    if the builder fails, torchrun stops this rank too."""
+    if the builder fails, torchrun stops this rank too. `sha`: data.dataset_hash of the JSON when the caller has it."""
     path = str(json_path)
     out = store or default_path(path)
-    sha, root = _hash(path), image_root_of(path, image_root)
+    sha, root = sha or _hash(path), image_root_of(path, image_root)
     reason = _stale(out, sha, root)
     if reason is not None and builder:
         if progress:
