@@ -52,6 +52,7 @@ CHECK_MODES = ("auto", "decode", "header", "none")
 DECODE_MAX = 200_000   # "auto": decode every image up to this many records, header-only above (minutes saved)
 CHUNK_CHARS = 1 << 22  # JSON read granularity: memory holds one chunk plus the record being parsed
 CHECK_BATCH = 2048     # image check: paths in flight at once (bounded memory whatever the dataset size)
+EXACT_ERROR_MAX_BYTES = 256 << 20  # a broken JSON up to this size is parsed whole once more for data.py's message
 
 
 class StoreError(data.DatasetError):
@@ -80,10 +81,10 @@ class _JSONStreamError(Exception):
         self.index = index
 
 
-def iter_json_list(path, chunk=CHUNK_CHARS):
+def iter_json_list(path, chunk=None):
     """Yield the elements of a top-level JSON list one by one, holding one chunk (plus the element being decoded)
     in memory, where json.load would hold every record as Python objects (about 1.6 KB each)."""
-    dec = json.JSONDecoder()
+    dec, chunk = json.JSONDecoder(), chunk or CHUNK_CHARS
     with open(path, encoding="utf-8") as f:
         buf, pos, eof = "", 0, False
 
@@ -162,7 +163,7 @@ class _StrColumn:
 
 def _json_error(path, image_root, err):
     """data.py's exact message for a broken JSON where we can afford it (small file), else a streaming one."""
-    if os.path.getsize(path) <= 256 << 20:
+    if os.path.getsize(path) <= EXACT_ERROR_MAX_BYTES:
         data.load_records(path, image_root)  # raises the DatasetError that names line, column and record
     where = f"record {err.index}: " if err.index is not None else ""
     return f"{path}: {where}invalid JSON ({err})"

@@ -40,7 +40,6 @@ sys.path.insert(0, str(ROOT))
 
 IMAGES_PER_ID = 4791711 / 312321  # SYNTH-PEDES: 4,791,711 images of 312,321 identities
 STAGES = ("json_old", "build", "rank", "main", "extract")
-BATCH = 64
 
 
 def get_args_parser(add_help=True):
@@ -56,6 +55,7 @@ def get_args_parser(add_help=True):
     p.add_argument("--baseline_max", type=int, default=1_000_000, help="skip json_old above this many records")
     p.add_argument("--image_check", default="auto", choices=["auto", "decode", "header", "none"])
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers of the first-batch stage")
+    p.add_argument("--batch_size", type=int, default=64, help="training batch and extraction batch rows")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per stage")
     p.add_argument("--stage", default=None, help=argparse.SUPPRESS)  # internal: run one stage in this process
     return p
@@ -128,10 +128,10 @@ def make_train_cache(d, dim):
 # ----------------------------------------------------------------------------------------------------------------
 # stages (each runs in its own process: python bench/scale.py --stage NAME --dir D)
 
-def _train_args(d, workers):
+def _train_args(d, workers, batch):
     import opts
     a = opts.get_args_parser().parse_args(["--data", str(d / "data.json"), "--embedding_path", str(d / "cache"),
-                                            "--workers", str(workers), "--batch_size", str(BATCH)])
+                                            "--workers", str(workers), "--batch_size", str(batch)])
     a.world_size, a.rank, a.local_rank, a.distributed, a.device = 1, 0, 0, False, "cpu"
     return a
 
@@ -183,7 +183,7 @@ def stage(name, d, args):
                            f"{(d / 'data.json').stat().st_size / 2**20:.0f} MB")
     elif name == "rank":  # what main.py does before its first step, one step at a time
         from embedding_cache import EmbeddingCache
-        a = _train_args(d, args.workers)
+        a = _train_args(d, args.workers, args.batch_size)
         records = record_store.ensure(a.data, progress=False)
         cache = EmbeddingCache.open(a.embedding_path, a.data)
         row("open store", f"sha256 of the JSON (twice: store + cache) and mapping: {len(records)} records")
@@ -219,7 +219,7 @@ def stage(name, d, args):
             r = inputs.rows
             pending = r[~done[r] & (r % 1 == 0)].tolist()
             n_pending += len(pending)
-            _ = [inputs[i] for i in pending[:BATCH]]
+            _ = [inputs[i] for i in pending[:args.batch_size]]
         row("extract start", f"tools/extract_label.py inputs + pending rows of {len(FIELDS)} fields: {n_pending} rows")
         row("batch write", batch_write(d, args))
     else:
@@ -253,7 +253,8 @@ def batch_write(d, args):
     m = record_store.ensure(d / "data.json", progress=False).n_captions
     base = dict(teacher="t", teacher_kind="x", logit_scale=None, logit_bias=None, dataset="d.json",
                 dataset_sha256="ab" * 32, multilingual=False, preprocessing={})
-    emb = np.random.default_rng(0).standard_normal((BATCH, args.dim)).astype(np.float32)
+    bs = args.batch_size
+    emb = np.random.default_rng(0).standard_normal((bs, args.dim)).astype(np.float32)
     out = []
     for rows_total in (10_000, m):
         per = {}
@@ -261,18 +262,18 @@ def batch_write(d, args):
             path = d / f"xcache_{rows_total}_{how}"
             c = EmbeddingCache.create(path, base, dict(image=1, caption=rows_total, attributes=1, prompt_caption=1),
                                       args.dim)
-            n_b = min(60, rows_total // BATCH)
-            starts = np.linspace(0, rows_total - BATCH, n_b).astype(np.int64)
+            n_b = max(1, min(60, rows_total // bs))
+            starts = np.linspace(0, max(0, rows_total - bs), n_b).astype(np.int64)
             t = time.perf_counter()
             for s in starts:
-                rows = np.arange(s, s + BATCH)
-                (c.write if how == "new" else lambda f, r, e: _old_write(c, f, r, e))("caption", rows, emb)
+                rows = np.arange(s, min(s + bs, rows_total))
+                (c.write if how == "new" else lambda f, r, e: _old_write(c, f, r, e))("caption", rows, emb[:len(rows)])
             per[how] = (time.perf_counter() - t) / n_b * 1000
             c.close()
             for p in path.iterdir():
                 p.unlink()
             path.rmdir()
-        out.append(f"{rows_total} rows: new {per['new']:.2f} ms, old {per['old']:.2f} ms per {BATCH}-row batch")
+        out.append(f"{rows_total} rows: new {per['new']:.2f} ms, old {per['old']:.2f} ms per {bs}-row batch")
     return "; ".join(out)
 
 
@@ -281,7 +282,8 @@ def batch_write(d, args):
 
 def run_stage(name, d, args):
     cmd = [sys.executable, str(Path(__file__).resolve()), "--stage", name, "--dir", str(d), "--n", str(args.n),
-           "--dim", str(args.dim), "--workers", str(args.workers), "--image_check", args.image_check]
+           "--dim", str(args.dim), "--workers", str(args.workers), "--image_check", args.image_check,
+           "--batch_size", str(args.batch_size)]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = p.communicate(timeout=args.timeout)
@@ -299,7 +301,7 @@ def run_main(d, args):
     """main.py from start to its first logged step; peak RSS of its process tree sampled every 0.2 s."""
     cmd = [sys.executable, str(ROOT / "main.py"), "--data", str(d / "data.json"), "--embedding_path",
            str(d / "cache"), "--output_dir", str(d / "logs"), "--backbone", "res_tiny", "--text_backbone", "char_tiny",
-           "--image_size", "64x32", "--batch_size", str(BATCH), "--workers", str(args.workers), "--iters", "50",
+           "--image_size", "64x32", "--batch_size", str(args.batch_size), "--workers", str(args.workers), "--iters", "50",
            "--log_every", "1", "--eval_every", "0", "--save_every", "100000", "--device", "cpu"]
     t0 = time.time()
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
