@@ -29,6 +29,7 @@ Layout of a store folder (the .npy files are loaded with allow_pickle=False, mem
                                     (M = caption rows, in caption.npy order)
   <col>.has.npy         bool  [N]   attributes / prompt_caption: False where the JSON has none (None)
 """
+import fcntl
 import json
 import os
 import shutil
@@ -345,9 +346,21 @@ def ensure(json_path, image_root=None, store=None, check="auto", builder=True, n
     sha, root = sha or _hash(path), image_root_of(path, image_root)
     reason = _stale(out, sha, root)
     if reason is not None and builder:
-        if progress:
-            print(f"record store {out}: {reason}; building it (once, with the image check)", file=sys.stderr)
-        return build(path, image_root, out, check, num_threads, progress, sha=sha)
+        # one builder at a time, even across nodes sharing the folder: the second finds the first one's store
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+            lock = open(f"{out}.lock", "a")
+        except OSError as e:
+            raise StoreError(f"{out}: cannot write the record store ({type(e).__name__}: {e}); "
+                             f"pass --record_store DIR on a writable disk") from None
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            reason = _stale(out, sha, root)
+            if reason is not None:
+                if progress:
+                    print(f"record store {out}: {reason}; building it (once, with the image check)",
+                          file=sys.stderr)
+                return build(path, image_root, out, check, num_threads, progress, sha=sha)
     while reason is not None:  # not the builder: the manifest appears last, when every column is in place
         time.sleep(poll_s)
         reason = _stale(out, sha, root)

@@ -300,6 +300,36 @@ def test_torchrun_shards_match_single_process(tiny_models, synth_data, tmp_path)
         assert np.allclose(a.array(f).astype(np.float32), b.array(f).astype(np.float32), atol=2e-3), f
 
 
+def test_two_nodes_attribute_teacher_match_one_rank(synth_data, tmp_path):
+    """Two torchrun 'nodes' (--nnodes 2, one gloo rank each, rendezvous on 127.0.0.1) shard the rows by global rank
+    into one cache; it equals a 1-rank run. Both nodes' local rank 0 find no record store: one builds it, the other
+    waits on its lock and uses it."""
+    import socket
+    data_json = subset(synth_data, tmp_path / "d", 7)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+                               "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+                               str(ROOT / "tools/extract_label.py"), "--data", str(data_json), "--embedding_path",
+                               str(tmp_path / "two"), "--teacher", "attributes", "--workers", "0", "--device", "cpu",
+                               "--batch_size", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=ENV) for node in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+    one = extract(data_json, tmp_path / "one", "attributes", "--batch_size", 5)
+    n_cap = one["eligible"]["caption"]
+    assert f"computed: image 7  caption {n_cap}  attributes 7  prompt_caption 7" in outs[0][0]  # summed over ranks
+    assert not [n for n in os.listdir(tmp_path / "two") if ".rank" in n or ".tmp" in n]
+    assert not [n for n in os.listdir(tmp_path / "d") if ".tmp." in n or ".old." in n]  # one store, published once
+    a, b = EmbeddingCache.open(tmp_path / "one"), EmbeddingCache.open(tmp_path / "two")
+    assert a.manifest == b.manifest
+    for f in FIELDS:
+        assert np.array_equal(a.done(f), b.done(f)) and a.done(f).all(), f
+        assert np.allclose(a.array(f).astype(np.float32), b.array(f).astype(np.float32), atol=1e-3), f
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the cache on its own
 
