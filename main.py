@@ -4,6 +4,15 @@ Single process (GPU or CPU):
     python main.py --backbone res_tiny --data SYNTH-PEDES/synthpedes-dataset.json --embedding_path embeddings
 Several GPUs:
     torchrun --nproc_per_node=4 main.py --backbone res_tiny --data SYNTH-PEDES/synthpedes-dataset.json --embedding_path embeddings
+Several nodes (run on every node; data, record store and cache on a filesystem all nodes see, e.g. NFS; build the
+record store once first with `python data.py --data X.json --index`; HOST0 = any node's address, same --rdzv_id):
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST0:29500 \
+        --rdzv_id=run1 main.py --backbone res_tiny --data /shared/SYNTH-PEDES/synthpedes-dataset.json \
+        --embedding_path /shared/embeddings --output_dir /shared/logs
+    (--node_rank=1 on the second node; c10d assigns the final ranks at rendezvous. Ranks are global: the sampler
+    gives each of the nnodes x nproc_per_node ranks its share of every global batch)
+Records come from the memory-mapped record store (record_store.py), which local rank 0 of each node builds on
+first use, with the image check, if it is missing or older than the JSON; build it beforehand for big datasets.
 Continue the newest run after a crash or kill:
     python main.py ... --resume auto
 Text encoder only, into the teacher's space (search galleries enrolled with the teacher):
