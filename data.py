@@ -1,6 +1,7 @@
 """Dataset JSON readers, train/test split, caption rows, image transforms and the torch Datasets.
 
-The only module that reads a dataset JSON. Three formats load, detected per file:
+The only module that reads a dataset JSON, with record_store.py (which streams it through parse_record into
+memory-mapped columns that every rank shares). Three formats load, detected per file:
   SYNTH-PEDES  [{"id", "file_path", "captions", "captions_zh"?, "attributes"?, "prompt_caption"?, "split"?}, ...]
   CUHK-PEDES   reid_raw.json [{"split", "captions", "file_path", "processed_tokens"?, "id" (1-based)}, ...]
   RSTPReid     [{"id", "img_path", "captions", "split"}, ...]

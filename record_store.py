@@ -563,14 +563,19 @@ def _captions(s, i, zh):
     return s._strs("caption", a + n_en, b) if zh else s._strs("caption", a, a + n_en)
 
 
+def _split(s, i):
+    code = int((s._cols or s._columns())["split"][i])
+    return None if code < 0 else s.splits[code]
+
+
 _GETTERS = {
-    "id": lambda s, i: int(s._columns()["ids"][i]),
+    "id": lambda s, i: int((s._cols or s._columns())["ids"][i]),  # split_records asks millions of times
     "file_path": lambda s, i: s._str("file_path", i),
     "image_path": lambda s, i: s.image_path(i),
     "captions": lambda s, i: _captions(s, i, False),
     "captions_zh": lambda s, i: _captions(s, i, True),
     "attributes": lambda s, i: s.optional("attributes", i),
     "prompt_caption": lambda s, i: s.optional("prompt_caption", i),
-    "split": lambda s, i: None if s._columns()["split"][i] < 0 else s.splits[s._columns()["split"][i]],
+    "split": lambda s, i: _split(s, i),
     "index": lambda s, i: i,
 }
