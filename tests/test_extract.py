@@ -227,6 +227,35 @@ def test_resume_computes_only_the_rest(tiny_models, synth_data, tmp_path, monkey
         assert np.array_equal(a.array(f), b.array(f)) and np.array_equal(a.done(f), b.done(f)), f
 
 
+def test_kill_9_between_rows_and_mask_resumes_exactly(synth_data, tmp_path):
+    """kill -9 after a batch's rows are written and synced but before its done bytes: the cache keeps the first
+    batches' rows marked done (each with its data), the killed batch not done; a re-run computes exactly the rest."""
+    data_json = subset(synth_data, tmp_path / "d", 6)
+    driver = (f"import os, signal, sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tools')!r}]\n"
+              "import embedding_cache, extract_label\n"
+              "orig, calls = embedding_cache._RowFile.sync, []\n"
+              "def sync(self):\n"
+              "    calls.append(1)\n"
+              "    orig(self)\n"
+              "    if len(calls) == 3: os.kill(os.getpid(), signal.SIGKILL)\n"
+              "embedding_cache._RowFile.sync = sync\n"
+              "extract_label.main(extract_label.get_args_parser().parse_args(sys.argv[1:]))\n")
+    argv = ["--data", str(data_json), "--embedding_path", str(tmp_path / "emb"), "--teacher", "attributes",
+            "--workers", "0", "--device", "cpu", "--batch_size", "4", "--fields", "caption"]
+    r = subprocess.run([sys.executable, "-c", driver, *argv], capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == -9, r.stderr[-2000:]
+    part = EmbeddingCache.open(tmp_path / "emb")
+    done, arr = part.done("caption"), part.array("caption").astype(np.float32)
+    assert done.tolist() == [True] * 8 + [False] * (len(done) - 8)  # two whole batches, not the third
+    assert np.allclose(np.linalg.norm(arr[done], axis=1), 1, atol=2e-3)
+    again = extract(data_json, tmp_path / "emb", "attributes", "--batch_size", 4, "--fields", "caption")
+    assert again["computed"]["caption"] == len(done) - 8
+    full = extract(data_json, tmp_path / "full", "attributes", "--batch_size", 4, "--fields", "caption")
+    a, b = EmbeddingCache.open(tmp_path / "emb"), EmbeddingCache.open(tmp_path / "full")
+    assert np.array_equal(a.done("caption"), b.done("caption")) and a.done("caption").all()
+    assert np.array_equal(a.array("caption"), b.array("caption"))  # same batches as an uninterrupted run
+
+
 def test_refuses_mismatched_cache(tiny_models, synth_data, tmp_path):
     data_a = subset(synth_data, tmp_path / "a", 3)
     data_b = subset(synth_data, tmp_path / "b", 4)
