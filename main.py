@@ -167,30 +167,44 @@ class ResumableSampler(torch.utils.data.Sampler):
         self.epoch, self.start_batch = 0, 0
         self.batches_per_epoch = n // (batch_size * world_size)
         self.k = max(1, int(instances_per_id))
-        self.by_id = None
+        self.items = None
         if groups is not None and self.k > 1:
-            by_id = {}
-            for i, g in enumerate(groups):
-                by_id.setdefault(int(g), []).append(i)
-            self.by_id = [by_id[g] for g in sorted(by_id)]
+            # items grouped by id (ids ascending, items in index order) as one int64 array + bounds, not 300k
+            # Python lists: 8 bytes per item instead of about 40 at SYNTH-PEDES size (4.3M training items)
+            g = np.asarray(groups, dtype=np.int64)
+            self.items = np.argsort(g, kind="stable")
+            sg = g[self.items]
+            self.bounds = np.concatenate([np.flatnonzero(np.r_[True, sg[1:] != sg[:-1]]), [len(g)]])
 
     def set_epoch(self, epoch, start_batch=0):
         self.epoch, self.start_batch = epoch, start_batch
 
-    def __iter__(self):
+    def permutation(self):
+        """int64 [n]: the epoch's order, a pure function of (seed, epoch)."""
         g = torch.Generator().manual_seed(self.seed * 1000003 + self.epoch)
-        if self.by_id is None:
-            perm = torch.randperm(self.n, generator=g).tolist()
-        else:  # shuffle within each id, cut into runs of K, shuffle the runs
-            runs = []
-            for items in self.by_id:
-                items = [items[j] for j in torch.randperm(len(items), generator=g).tolist()]
-                runs += [items[j:j + self.k] for j in range(0, len(items), self.k)]
-            perm = [i for j in torch.randperm(len(runs), generator=g).tolist() for i in runs[j]]
+        if self.items is None:
+            return torch.randperm(self.n, generator=g).numpy()
+        # shuffle within each id, cut into runs of K, shuffle the runs (one randperm per id, then one over the
+        # runs: the generator is drawn in the same order as a per-id loop over lists)
+        shuffled = np.empty_like(self.items)
+        for a, b in zip(self.bounds[:-1].tolist(), self.bounds[1:].tolist()):
+            shuffled[a:b] = self.items[a:b][torch.randperm(b - a, generator=g).numpy()]
+        a, b = self.bounds[:-1], self.bounds[1:]
+        n_runs = (b - a + self.k - 1) // self.k
+        first = np.repeat(np.cumsum(n_runs) - n_runs, n_runs)  # index of each run's id's first run
+        run_start = np.repeat(a, n_runs) + self.k * (np.arange(int(n_runs.sum())) - first)
+        run_len = np.minimum(self.k, np.repeat(b, n_runs) - run_start)
+        order = torch.randperm(len(run_start), generator=g).numpy()
+        starts, lens = run_start[order], run_len[order]
+        pos = np.arange(int(lens.sum())) - np.repeat(np.cumsum(lens) - lens, lens)
+        return shuffled[np.repeat(starts, lens) + pos]
+
+    def __iter__(self):
+        perm = self.permutation()
         global_bs = self.bs * self.ws
         for b in range(self.start_batch, self.batches_per_epoch):
             chunk = perm[b * global_bs:(b + 1) * global_bs]
-            yield from chunk[self.rank::self.ws]
+            yield from chunk[self.rank::self.ws].tolist()
 
     def __len__(self):
         return (self.batches_per_epoch - self.start_batch) * self.bs
