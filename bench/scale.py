@@ -22,8 +22,11 @@ in a fresh process (so each peak RSS is that stage's own) and prints one table:
     flock /tmp/helpers-bench.lock python3 bench/scale.py --n 4791711 --dir /tmp/scale_full   # SYNTH-PEDES size
     python3 bench/scale.py --n 300 --stages build,open        # a subset of stages
 
-Timings are wall-clock on a shared machine: read them as orders of magnitude next to each other. Peak RSS is the
-process's VmHWM (ru_maxrss); "first batch" also sums its DataLoader workers, whose pages mostly are shared with it.
+Timings are wall-clock on a shared machine: read them as orders of magnitude next to each other. "peak RSS so far"
+is the process's VmHWM. For a rank with workers, summed RSS counts the pages they share (torch's libraries, the
+pre-fork heap) once per process, so "first batch" and "main.py" also give the tree's proportional set size split
+into heap (anonymous pages: the rank's own memory) and mapped files (libraries, store and cache pages: page cache,
+shared with other processes and reclaimable).
 """
 import argparse
 import json
@@ -137,21 +140,24 @@ def _train_args(d, workers, batch):
 
 
 def _mem(pid="self"):
-    """(VmHWM, VmRSS, Pss) in MB of one process."""
-    out = {}
+    """{hwm, rss, pss, anon, file} in MB of one process: VmHWM/VmRSS, and from smaps_rollup the proportional set
+    size split into anonymous pages (heap: shared only with our own forks) and file pages (libraries, memory-
+    mapped store and cache: page cache, shared with every process mapping them, reclaimable)."""
+    out = dict(pss=float("nan"), anon=float("nan"), file=float("nan"))
     with open(f"/proc/{pid}/status") as f:
         for line in f:
             k, _, v = line.partition(":")
             if k in ("VmHWM", "VmRSS"):
-                out[k] = int(v.split()[0]) / 1024
+                out[k[2:].lower()] = int(v.split()[0]) / 1024
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:
-                if line.startswith("Pss:"):
-                    out["Pss"] = int(line.split()[1]) / 1024
+                k, _, v = line.partition(":")
+                if k in ("Pss", "Pss_Anon", "Pss_File"):
+                    out[{"Pss": "pss", "Pss_Anon": "anon", "Pss_File": "file"}[k]] = int(v.split()[0]) / 1024
     except OSError:
-        out["Pss"] = float("nan")
-    return out["VmHWM"], out["VmRSS"], out["Pss"]
+        pass
+    return out
 
 
 def stage(name, d, args):
@@ -163,7 +169,7 @@ def stage(name, d, args):
 
     def row(step, note="", **extra):
         nonlocal t
-        rows.append(dict(name=step, time_s=time.time() - t, hwm_mb=_mem()[0], note=note, **extra))
+        rows.append(dict(name=step, time_s=time.time() - t, hwm_mb=_mem()["hwm"], note=note, **extra))
         t = time.time()
 
     import data  # noqa: F401  (torch, torchvision, PIL, numpy)
@@ -199,10 +205,10 @@ def stage(name, d, args):
         it = iter(loader)
         batch = next(it)
         mems = [_mem()] + [_mem(w.pid) for w in it._workers]
-        hwm, pss = sum(m[0] for m in mems), sum(m[2] for m in mems)
-        row("first batch", f"{len(batch['pid'])} items, {len(mems) - 1} workers; rank + workers: peak RSS summed "
-                           f"{hwm:.0f} MB (shared pages counted in each), PSS {pss:.0f} MB", tree_pss_mb=pss,
-            tree_hwm_mb=hwm)
+        tot = {k: sum(m[k] for m in mems) for k in ("hwm", "anon", "file")}
+        row("first batch", f"{len(batch['pid'])} items, {len(mems) - 1} workers; rank + workers: heap (PSS anon) "
+                           f"{tot['anon']:.0f} MB + mapped files (PSS file) {tot['file']:.0f} MB; peak RSS summed "
+                           f"{tot['hwm']:.0f} MB (shared pages counted in each)", tree=tot)
         del it
     elif name == "extract":
         from embedding_cache import FIELDS
@@ -308,7 +314,7 @@ def run_main(d, args):
     import selectors
     sel = selectors.DefaultSelector()
     sel.register(p.stdout, selectors.EVENT_READ)
-    peak, first, tail = 0.0, None, []
+    peak, peak_anon, first, tail, t_sample = 0.0, 0.0, None, [], 0.0
     while time.time() - t0 < args.timeout:
         if sel.select(timeout=0.2):
             line = p.stdout.readline()
@@ -317,20 +323,23 @@ def run_main(d, args):
             tail = (tail + [line.rstrip()])[-5:]
             if "Iter:1|" in line:
                 first = time.time() - t0
-        peak = max(peak, _tree_rss(p.pid))
+        if time.time() - t_sample > 0.5 or first is not None:
+            tree = _tree_mem(p.pid)
+            peak, peak_anon, t_sample = max(peak, tree["rss"]), max(peak_anon, tree["anon"]), time.time()
         if first is not None:
             break
-    tree_pss = _tree_rss(p.pid, pss=True)
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
     if first is None:
         raise SystemExit("error: main.py logged no first step: " + " | ".join(tail))
-    return [dict(name="main.py", time_s=first, hwm_mb=peak, note=f"start to the first step; tree RSS peak {peak:.0f} MB (sampled), "
-                                                f"PSS at step 1 {tree_pss:.0f} MB, {args.workers} workers")]
+    return [dict(name="main.py", time_s=first, hwm_mb=peak,
+                 note=f"start to the first step, {args.workers} workers; tree heap (PSS anon) at step 1 "
+                      f"{tree['anon']:.0f} MB (peak {peak_anon:.0f}), mapped files {tree['file']:.0f} MB; tree RSS "
+                      f"peak {peak:.0f} MB (sampled every 0.5 s, shared pages counted in each)")]
 
 
-def _tree_rss(root, pss=False):
-    """Sum of VmRSS (or Pss) in MB over `root` and its descendants."""
+def _tree_mem(root):
+    """_mem summed over `root` and its descendants (rss, anon, file)."""
     kids = {}
     for e in os.listdir("/proc"):
         if e.isdigit():
@@ -340,14 +349,16 @@ def _tree_rss(root, pss=False):
                 kids.setdefault(ppid, []).append(int(e))
             except (OSError, ValueError, IndexError):
                 pass
-    total, todo = 0.0, [root]
+    total, todo = dict(rss=0.0, anon=0.0, file=0.0), [root]
     while todo:
         pid = todo.pop()
         todo += kids.get(pid, [])
         try:
-            total += _mem(pid)[2 if pss else 1]
+            m = _mem(pid)
         except OSError:
-            pass
+            continue
+        for k in total:
+            total[k] += m[k]
     return total
 
 
