@@ -223,9 +223,9 @@ def stage(name, d, args):
             inputs = FieldInputs(s, f, Teacher)
             done = np.zeros(len(s) if f != "caption" else s.n_captions, dtype=bool)
             r = inputs.rows
-            pending = r[~done[r] & (r % 1 == 0)].tolist()
+            pending = r[~done[r] & (r % 1 == 0)]
             n_pending += len(pending)
-            _ = [inputs[i] for i in pending[:args.batch_size]]
+            _ = [inputs[i] for i in pending[:args.batch_size].tolist()]
         row("extract start", f"tools/extract_label.py inputs + pending rows of {len(FIELDS)} fields: {n_pending} rows")
         row("batch write", batch_write(d, args))
     else:

@@ -78,7 +78,7 @@ class ImageRows(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i):
-        row = self.rows[i]
+        row = int(self.rows[i])
         img = data.load_image(self.paths[row])
         if img is not None:
             return row, img, "ok"
@@ -219,15 +219,16 @@ def main(args):
             continue
         done = cache.done(field)
         rows = inputs.rows  # rank r of world w embeds rows i % w == r, over every node (RANK/WORLD_SIZE are global)
-        pending = rows[~done[rows] & (rows % world == rank)].tolist()
-        bar = tqdm(total=len(pending), desc=f"{field}", unit="row", disable=rank != 0 or not pending,
+        pending = rows[~done[rows] & (rows % world == rank)]  # int64: 8 bytes a row, not a Python int
+        bar = tqdm(total=len(pending), desc=f"{field}", unit="row", disable=rank != 0 or not len(pending),
                    dynamic_ncols=True)
         if field == "image" and teacher.kind != "attributes":
             loader = DataLoader(ImageRows(inputs, pending), batch_size=args.batch_size, shuffle=False,
                                 num_workers=args.workers, collate_fn=CollateImages(teacher.image_inputs))
             batches = iter(loader)
         else:
-            batches = ((pending[b:b + args.batch_size], None, 0, 0) for b in range(0, len(pending), args.batch_size))
+            batches = ((pending[b:b + args.batch_size].tolist(), None, 0, 0)
+                       for b in range(0, len(pending), args.batch_size))
         for rows, image_inputs, nm, nc in batches:
             if args.max_batches and n_batches >= args.max_batches:
                 stopped = True
