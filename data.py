@@ -169,13 +169,21 @@ def load_records(json_path, image_root=None):
     return records
 
 
+_HASHES = {}  # (path, inode, size, mtime_ns) -> sha256: the record store and the cache both pin a multi-GB JSON
+
+
 def dataset_hash(json_path):
-    """sha256 hex of the JSON file's bytes: the teacher cache manifest pins the dataset with it."""
-    h = hashlib.sha256()
-    with open(json_path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """sha256 hex of the JSON file's bytes: the teacher cache manifest and the record store pin the dataset with it.
+    Hashed once per process per file version (same inode, size and mtime)."""
+    st = os.stat(json_path)
+    key = (os.path.abspath(json_path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(json_path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
 
 
 # ----------------------------------------------------------------------------------------------------------------

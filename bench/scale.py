@@ -192,7 +192,7 @@ def stage(name, d, args):
         a = _train_args(d, args.workers, args.batch_size)
         records = record_store.ensure(a.data, progress=False)
         cache = EmbeddingCache.open(a.embedding_path, a.data)
-        row("open store", f"sha256 of the JSON (twice: store + cache) and mapping: {len(records)} records")
+        row("open store", f"sha256 of the JSON, mapping the store and the cache: {len(records)} records")
         ds, sampler, train_idx, test_idx = M.build_data(a, records, cache)
         row("Dataset", f"main.build_data: splits, stored image verdict, {len(ds)} train items, "
                        f"{len(test_idx)} test, P x K groups")
@@ -279,7 +279,9 @@ def batch_write(d, args):
             for p in path.iterdir():
                 p.unlink()
             path.rmdir()
-        out.append(f"{rows_total} rows: new {per['new']:.2f} ms, old {per['old']:.2f} ms per {bs}-row batch")
+        row_b = bs * (2 * args.dim + 1)  # float16 rows + their done bytes, the same for both
+        out.append(f"{rows_total} rows: new {per['new']:.2f} ms ({row_b / 1024:.0f} KB written), old "
+                   f"{per['old']:.2f} ms ({(row_b - bs + rows_total) / 1024:.0f} KB: the whole mask) per {bs}-row batch")
     return "; ".join(out)
 
 
