@@ -384,7 +384,13 @@ class Record(Mapping):
         self._s, self._i = store, i
 
     def __getitem__(self, key):
-        return _GETTERS[key](self._s, self._i)
+        s = self._s
+        if key == "id":  # split_records and the sampler groups ask this millions of times: no getter hop
+            return int(s._ids[self._i])
+        if key == "split":
+            code = s._split_codes[self._i]
+            return None if code < 0 else s.splits[code]
+        return _GETTERS[key](s, self._i)
 
     def __iter__(self):
         return iter(self.KEYS)
@@ -420,7 +426,7 @@ class RecordStore(Sequence):
         return store
 
     def __getstate__(self):
-        return dict(self.__dict__, _cols=None)
+        return dict(self.__dict__, _cols=None, _ids=None, _split_codes=None)
 
     def _columns(self):
         if self._cols is None:
@@ -443,11 +449,18 @@ class RecordStore(Sequence):
                 raise StoreError(f"{self.path}: damaged record store (column lengths disagree with the manifest); "
                                  f"rebuild it with python data.py --data JSON --index")
             self._cols = c
+            self._ids, self._split_codes = c["ids"], c["split"].tolist()  # N small ints: a list indexes fastest
         return self._cols
 
     # -- Sequence of Records ------------------------------------------------------------------------------------
     def __len__(self):
         return self.n
+
+    def __getattr__(self, name):  # _ids / _split_codes after unpickling: map the columns again
+        if name in ("_ids", "_split_codes"):
+            self._columns()
+            return self.__dict__[name]
+        raise AttributeError(name)
 
     def __getitem__(self, i):
         if isinstance(i, slice):
