@@ -426,7 +426,9 @@ class RecordStore(Sequence):
         return store
 
     def __getstate__(self):
-        return dict(self.__dict__, _cols=None, _ids=None, _split_codes=None)
+        state = dict(self.__dict__, _cols=None)
+        state.pop("_ids", None), state.pop("_split_codes", None)  # rebuilt by __getattr__ in the worker
+        return state
 
     def _columns(self):
         if self._cols is None:
