@@ -358,3 +358,208 @@ if __name__ == "__main__":
     for _ in range(args.n):
         en, zh = compose_caption_pair(args.attributes, r)
         print(en, "|", zh)
+
+
+# ----------------------------------------------------------------------------- which fields a caption names
+
+def _words(text):
+    """Lowercase word tokens; hyphens stay inside a word, so 'shirt' never matches 't-shirt'."""
+    out, cur = [], []
+    for ch in text.lower():
+        if ch.isalnum() or ch == "-":
+            cur.append(ch)
+        elif cur:
+            out.append("".join(cur))
+            cur = []
+    if cur:
+        out.append("".join(cur))
+    return out
+
+
+def mentioned_fields(attributes, caption):
+    """Fields of `attributes` that an English caption names: every word of the field's value occurs in it (the
+    gender by any of its nouns). A caption that leaves a field out says nothing about it, so training must not
+    treat the omission as a negative; this is how the trainer knows."""
+    a = parse_attributes(attributes)
+    words = set(_words(caption))
+    out = set()
+    kind = gender_kind(a["gender"])
+    if kind != "unknown" and words & (MALE if kind == "male" else FEMALE):
+        out.add("gender")
+    for f in ATTRIBUTE_FIELDS[1:]:
+        v = a[f]
+        if v and set(_words(v)) <= words:
+            out.add(f)
+    return out
+
+
+# ----------------------------------------------------------------------------- query-style training captions
+# Users type queries that look nothing like dataset captions: keyword lists, two-word fragments, "top: red
+# shirt" forms, fields in any order, other words for the same thing. augment_caption() draws a random
+# *structure* (not one of a few fixed templates) so the student learns that a query is a bag of attribute
+# phrases in any arrangement; it returns the fields it kept, so the attribute loss knows what the text says.
+
+EN_SYNONYMS = {  # word -> alternatives a query may use (the attribute's own word stays the most likely)
+    "t-shirt": ["t-shirt", "tee", "tshirt", "t shirt", "tee shirt"], "trousers": ["trousers", "pants", "slacks"],
+    "sneakers": ["sneakers", "trainers", "sports shoes", "running shoes"], "gray": ["gray", "grey"],
+    "handbag": ["handbag", "purse", "hand bag", "bag"], "backpack": ["backpack", "rucksack", "school bag"],
+    "coat": ["coat", "overcoat", "long coat"], "jacket": ["jacket"], "sweater": ["sweater", "jumper", "pullover"],
+    "vest": ["vest", "tank top", "sleeveless top"], "jeans": ["jeans", "denim jeans", "denims"],
+    "shoes": ["shoes", "shoe", "footwear"], "boots": ["boots", "boot"], "dress": ["dress", "gown"],
+    "blonde": ["blonde", "blond", "golden"], "ponytail": ["ponytail", "pony tail"], "striped": ["striped", "stripy"],
+}
+EN_GENDER = {"male": ["man", "male", "guy", "gentleman", "boy", "men"],
+             "female": ["woman", "female", "lady", "girl", "women"]}
+EN_LABELS = {"gender": ["gender", "sex", "person"], "hair": ["hair", "hairstyle", "head"],
+             "upper": ["top", "upper", "upper body", "shirt", "upper clothes", "torso"],
+             "lower": ["bottom", "lower", "lower body", "pants", "legs"],
+             "shoes": ["shoes", "feet", "footwear"], "carried": ["bag", "carrying", "holding", "accessory", "item"]}
+ZH_LABELS = {"gender": ["性别", "人"], "hair": ["头发", "发型"], "upper": ["上衣", "上身"], "lower": ["下装", "下身", "裤子"],
+             "shoes": ["鞋", "鞋子"], "carried": ["携带", "包", "拿着"]}
+ZH_GENDER = {"male": ["男", "男人", "男性", "男士", "男子"], "female": ["女", "女人", "女性", "女士", "女子"]}
+_EN_SEPS = [", ", " ", "; ", " and ", " / ", " - ", ",", " with ", " | ", " + "]
+_ZH_SEPS = ["，", "、", " ", "；", "和", ",", ""]
+
+
+def _synonym(phrase, rng, p):
+    """Replace words (and 2-word terms) of an English phrase by alternatives with probability p each."""
+    words, out, i = phrase.split(), [], 0
+    while i < len(words):
+        w = words[i]
+        if w in EN_SYNONYMS and rng.random() < p:
+            out.append(rng.choice(EN_SYNONYMS[w]))
+        else:
+            out.append(w)
+        i += 1
+    return " ".join(out)
+
+
+def _colour_last(phrase, rng):
+    """'red striped shirt' -> 'shirt, red' / 'shirt in red' / 'red-coloured shirt' (colour placement varies)."""
+    words = phrase.split()
+    colours = [w for w in words if ZH_VOCAB.get(w, ("",))[0] == "colour"]
+    if not colours or len(words) < 2:
+        return phrase
+    rest = " ".join(w for w in words if w not in colours)
+    col = " and ".join(colours)
+    return rng.choice([f"{rest} in {col}", f"{rest}, {col}", f"{col}-coloured {rest}", f"{col} colour {rest}",
+                       f"{rest} ({col})", f"{col} {rest}"])
+
+
+def augment_caption(attributes, rng, lang="en"):
+    """A query-like training text of an attribute string -> (text, kept fields).
+
+    Random structure: a subset of the fields (each kept with a random probability, at least one), in random
+    order, each phrase optionally re-worded (synonyms, colour after the noun), optionally labelled ("top: red
+    shirt"), joined by a random separator, with random case and punctuation; now and then a composed sentence
+    with its clauses shuffled instead."""
+    if lang not in ("en", "zh"):
+        raise ValueError(f"lang must be 'en' or 'zh', not {lang!r}")
+    a = parse_attributes(attributes)
+    kind = gender_kind(a["gender"])
+    present = [f for f in ATTRIBUTE_FIELDS[1:] if a[f]]
+    keep_p = rng.choice([1.0, 0.9, 0.75, 0.5, 0.35])
+    kept = [f for f in present if rng.random() < keep_p]
+    if present and not kept:
+        kept = [rng.choice(present)]
+    use_gender = kind != "unknown" and rng.random() < 0.8
+    if rng.random() < 0.15 and lang == "en":  # a whole sentence, clauses shuffled
+        plan = _plan(attributes, rng, omit_prob=1 - keep_p)
+        rng.shuffle(plan["groups"])
+        text = _render_en(plan)
+        return text, mentioned_fields(attributes, text)
+    labelled = rng.random() < 0.25
+    syn_p = rng.choice([0.0, 0.3, 0.6])
+    items = []
+    for f in kept:
+        v = a[f]
+        if lang == "en":
+            v = _synonym(v, rng, syn_p)
+            if f != "hair" and rng.random() < 0.2:
+                v = _colour_last(v, rng)
+            if f == "carried" and not labelled and rng.random() < 0.4:
+                v = rng.choice(["with ", "carrying ", "holding ", "has "]) + _article(v)
+            elif f != "carried" and not labelled and rng.random() < 0.15:
+                v = rng.choice(["wearing ", "in ", "has ", "with "]) + (_article(v) if f != "hair" else v)
+            if labelled:
+                v = f"{rng.choice(EN_LABELS[f])}{rng.choice([': ', ' - ', ' = ', ' '])}{v}"
+        else:
+            v = translate_phrase(v)
+            if labelled:
+                v = f"{rng.choice(ZH_LABELS[f])}{rng.choice(['：', ':', ' ', '是'])}{v}"
+        items.append(v)
+    rng.shuffle(items)
+    if use_gender:
+        g = rng.choice(EN_GENDER[kind]) if lang == "en" else rng.choice(ZH_GENDER[kind])
+        if labelled:
+            g = (f"{rng.choice(EN_LABELS['gender'])}: {g}" if lang == "en"
+                 else f"{rng.choice(ZH_LABELS['gender'])}：{g}")
+        items.insert(rng.choice([0, 0, 0, len(items)]) if items else 0, g)
+    sep = rng.choice(_EN_SEPS if lang == "en" else _ZH_SEPS)
+    text = sep.join(items)
+    if lang == "en":
+        r = rng.random()
+        text = text.upper() if r < 0.05 else text.title() if r < 0.15 else _cap(text) if r < 0.5 else text
+        text += rng.choice(["", "", ".", " ", "!"])
+    else:
+        text += rng.choice(["", "", "。", "的人", "的行人"])
+    return text, set(kept) | ({"gender"} if use_gender else set())
+
+
+# ----------------------------------------------------------------------------- attribute word vocabulary
+
+class AttributeVocab:
+    """Per-field word vocabulary of the training attributes, for the attribute loss (losses.AttributeLoss).
+
+    Words, not whole values: "red striped shirt" is three labels of the upper field (red, striped, shirt), so a
+    colour learnt on shirts transfers to coats, where whole-value classes would need every combination in the
+    training set. Words seen fewer than min_count times are left out. An image is labelled on every field (an
+    absent field means all of its words are off: no bag is a fact about the picture); a caption only on the
+    fields it names (mentioned_fields / augment_caption), since leaving a field out says nothing.
+
+        vocab = AttributeVocab.build([r["attributes"] for r in train_records])
+        target, weight = vocab.targets(attrs)                 # image: all fields
+        target, weight = vocab.targets(attrs, {"upper"})      # a caption that names only the upper garment
+    """
+
+    def __init__(self, words):
+        self.words = [(str(f), str(w)) for f, w in words]  # [(field, word)], the label order
+        self.index = {fw: i for i, fw in enumerate(self.words)}
+        self.field_slots = {f: [i for i, (g, _) in enumerate(self.words) if g == f] for f in ATTRIBUTE_FIELDS}
+
+    @classmethod
+    def build(cls, attribute_strings, min_count=3):
+        counts = {}
+        for s in attribute_strings:
+            if not s:
+                continue
+            for f, v in parse_attributes(s).items():
+                for w in set(_words(v or "")):
+                    counts[(f, w)] = counts.get((f, w), 0) + 1
+        words = sorted(fw for fw, n in counts.items() if n >= min_count)
+        words.sort(key=lambda fw: ATTRIBUTE_FIELDS.index(fw[0]))  # stable: grouped by field, sorted inside
+        return cls(words)
+
+    def __len__(self):
+        return len(self.words)
+
+    def to_list(self):
+        return [list(fw) for fw in self.words]
+
+    def targets(self, attributes, fields=None):
+        """(target, weight), two lists of 0/1 floats of len(self): which words are on, and which are known."""
+        n = len(self.words)
+        target, weight = [0.0] * n, [0.0] * n
+        if not attributes or n == 0:
+            return target, weight
+        a = parse_attributes(attributes)
+        for f in ATTRIBUTE_FIELDS if fields is None else fields:
+            if f == "gender" and gender_kind(a["gender"]) == "unknown":
+                continue  # an unknown gender is not a label
+            for i in self.field_slots.get(f, []):
+                weight[i] = 1.0
+            for w in _words(a[f] or ""):
+                i = self.index.get((f, w))
+                if i is not None:
+                    target[i] = 1.0
+        return target, weight

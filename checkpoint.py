@@ -11,6 +11,10 @@ tensors, torch.dtype/device/Size. No argparse.Namespace, numpy arrays or numpy s
 subclass and still refused by the safe unpickler), no custom classes. `save_checkpoint` checks this BEFORE
 writing, naming the offending key, so a bad object fails at save time instead of at the next resume.
 
+Integrity: torch's zip reader checks no CRC, so a flipped bit in a weight loads silently. `save_checkpoint` stores
+`state_hash` (blake2b over every tensor's bytes, dtype, shape and every other value, in key order) and
+`load_checkpoint` recomputes it and refuses a file whose content changed. Files without the key (older ones) load.
+
 Writes are atomic: torch.save to `<path>.tmp.<pid>` in the same folder, fsync, os.replace. A crash mid-save
 leaves the previous file intact, never a half-written one.
 
@@ -21,6 +25,7 @@ leaves the previous file intact, never a half-written one.
     python checkpoint.py logs/run/last.pt              # prints the keys, step and model_cfg of a checkpoint
 """
 import collections
+import hashlib
 import os
 import pickle
 import re
@@ -29,6 +34,8 @@ import warnings
 import zipfile
 
 import torch
+
+from cli import fail
 
 REQUIRED_KEYS = ("model", "model_cfg")
 
@@ -61,6 +68,35 @@ def _unsafe_value(obj, where="checkpoint"):
     return None
 
 
+HASH_KEY = "state_hash"
+
+
+def state_hash(obj) -> str:
+    """blake2b of a checkpoint's content (HASH_KEY itself excluded): tensors by bytes + dtype + shape, other values
+    by repr, dict keys in sorted order, so the same state always hashes the same."""
+    h = hashlib.blake2b(digest_size=20)
+    stack = [("", obj)]
+    while stack:
+        where, v = stack.pop()
+        h.update(where.encode("utf-8", "backslashreplace") + b"\0")
+        if isinstance(v, torch.Tensor):
+            t = v.detach().cpu().contiguous().reshape(-1)
+            h.update(f"T{t.dtype}{tuple(v.shape)}".encode())
+            if t.numel():
+                h.update(t.view(torch.uint8).numpy().tobytes() if t.dtype != torch.uint8 else t.numpy().tobytes())
+        elif isinstance(v, dict):
+            keys = sorted((k for k in v if not (where == "" and k == HASH_KEY)), key=repr, reverse=True)
+            h.update(b"D%d" % len(keys))
+            for k in keys:
+                stack.append((f"{where}[{k!r}]", v[k]))
+        elif isinstance(v, (list, tuple)):
+            h.update(b"L%d" % len(v))
+            stack.extend((f"{where}[{i}]", x) for i, x in reversed(list(enumerate(v))))
+        else:
+            h.update(repr(v).encode("utf-8", "backslashreplace"))
+    return h.hexdigest()
+
+
 def is_student_checkpoint(d) -> bool:
     """True for a dict with a `model` state_dict (name -> tensor) and a `model_cfg` dict."""
     return (isinstance(d, dict) and all(k in d for k in REQUIRED_KEYS) and isinstance(d["model_cfg"], dict)
@@ -75,6 +111,9 @@ def save_checkpoint(path, obj) -> None:
     if bad is not None:
         raise CheckpointError(f"{path}: not saved: {bad}, which torch.load(weights_only=True) refuses; "
                               f"store plain dicts/lists/numbers/strings/tensors")
+    if isinstance(obj, dict):
+        obj = dict(obj)
+        obj[HASH_KEY] = state_hash(obj)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
@@ -131,6 +170,9 @@ def load_checkpoint(path, map_location="cpu", require_student=True) -> dict:
     except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, UnicodeDecodeError) as e:
         first = (str(e).splitlines() or [type(e).__name__])[0].split(". ")[0][:120]
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (corrupt or truncated?): {first}") from None
+    if isinstance(d, dict) and HASH_KEY in d and d[HASH_KEY] != state_hash(d):
+        raise CheckpointError(f"{path}: content does not match its stored hash (the file is corrupted: bit flips "
+                              f"on disk or in a copy); use another checkpoint")
     if require_student and not is_student_checkpoint(d):
         if isinstance(d, dict) and d and all(isinstance(v, torch.Tensor) for v in d.values()):
             what = "a bare state_dict"
@@ -146,11 +188,11 @@ def load_checkpoint(path, map_location="cpu", require_student=True) -> dict:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        raise SystemExit("usage: python checkpoint.py <checkpoint.pt>")
+        fail("usage: python checkpoint.py <checkpoint.pt>")
     try:
         ck = load_checkpoint(sys.argv[1])
     except CheckpointError as e:
-        raise SystemExit(f"error: {e}")
+        fail(f"{e}")
     print(f"keys: {sorted(ck)}")
     print(f"step: {ck.get('step')}  tensors: {len(ck['model'])}  "
           f"params: {sum(v.numel() for v in ck['model'].values()) / 1e6:.3f}M")

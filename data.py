@@ -29,13 +29,14 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from captions import compose_caption
+from captions import augment_caption, compose_caption_pair, mentioned_fields
+from cli import fail
 from search.charmap import encode_batch
+from search.imaging import is_regular_file, to_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 LANGS = ("en", "zh")
-TEST_SPLITS = ("test", "val")  # JSON split names that count as held out
 
 # Record = dict(id, file_path, image_path, captions, captions_zh, attributes, prompt_caption, split, index)
 # CaptionRow = (record_index, lang, text, pivot_text)
@@ -107,6 +108,8 @@ def parse_record(rec, path, i, root):
     pid = rec.get("id")
     if type(pid) is not int:  # bool is an int subclass, and 3.0 / "3" are not ids
         raise DatasetError(f"{path}: record {i}: 'id' must be an integer, got {pid!r:.40}")
+    if not -2 ** 63 < pid < 2 ** 63:  # ids live in int64 arrays (metrics, samplers, the store); JSON has no bound
+        raise DatasetError(f"{path}: record {i}: 'id' {pid:.3g} does not fit in 64 bits")
     captions = _str_list(rec, "captions", path, i, required=True)
     captions_zh = _str_list(rec, "captions_zh", path, i, required=False)
     if captions_zh and len(captions_zh) != len(captions):
@@ -155,6 +158,8 @@ def load_records(json_path, image_root=None):
         raw = json.loads(text)
     except json.JSONDecodeError as e:
         raise DatasetError(_syntax_error(path, text, e)) from None
+    except RecursionError:  # e.g. [[[[...]]]] thousands deep: the decoder recurses per level
+        raise DatasetError(f"{path}: JSON nested too deeply to be a dataset") from None
     del text
     if not isinstance(raw, list):
         raise DatasetError(f"{path}: expected a JSON list of records, got {type(raw).__name__}")
@@ -206,22 +211,30 @@ def caption_rows(records):
     return rows
 
 
-def split_records(records, test_ratio=0.1, split="train"):
-    """Record indices of one split. A JSON `split` wins (val counts as test); otherwise whole identities are held
-    out by crc32(id), so the test ids are the same every run whatever the dataset size or record order."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if not 0.0 <= test_ratio <= 1.0:
-        raise ValueError(f"test_ratio must be in [0, 1], got {test_ratio}")
-    cut = test_ratio * 1000
-    want_test = split == "test"
+def split_records(records, test_ratio=0.1, split="train", val_ratio=0.0):
+    """Record indices of one split: "train", "val" (identities held out of training to choose recipes and
+    checkpoints on) or "test" (identities for the final table only).
+
+    A JSON `split` wins ("val" is val, "test" is test). Otherwise whole identities are held out by hashes of the
+    id, so every run holds out the same ids whatever the dataset's size or order: test when
+    crc32(id) % 1000 < 1000 * test_ratio, then val among the rest when crc32("val/" + id) % 1000 < 1000 * val_ratio
+    (a second hash, so the test ids never change with --val_ratio)."""
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    for name, v in (("test_ratio", test_ratio), ("val_ratio", val_ratio)):
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {v}")
+    cut, vcut = test_ratio * 1000, val_ratio * 1000
     out = []
     for i, rec in enumerate(records):
         if rec["split"] is not None:
-            is_test = rec["split"] in TEST_SPLITS
+            s = rec["split"]
+            which = "test" if s == "test" else "val" if s in ("val", "valid", "validation", "dev") else "train"
         else:
-            is_test = zlib.crc32(str(rec["id"]).encode()) % 1000 < cut
-        if is_test == want_test:
+            key = str(rec["id"]).encode()
+            which = ("test" if zlib.crc32(key) % 1000 < cut
+                     else "val" if zlib.crc32(b"val/" + key) % 1000 < vcut else "train")
+        if which == split:
             out.append(i)
     return out
 
@@ -230,18 +243,23 @@ def split_records(records, test_ratio=0.1, split="train"):
 # images
 
 def load_image(path):
-    """PIL RGB image, or None when the file is missing, empty, truncated or otherwise undecodable."""
+    """PIL RGB image, or None when the file is missing, not a regular file (a FIFO would block open() forever),
+    empty, truncated or otherwise undecodable. 16-bit images are scaled to 8 bits, not clipped (search.imaging)."""
+    if not is_regular_file(path):
+        return None
     try:
         with Image.open(path) as im:
             im.load()  # decode now: a truncated JPEG must fail here, not later inside a DataLoader worker
-            return im.convert("RGB")
+            return to_rgb(im)
     except Exception:  # PIL raises OSError, SyntaxError, struct.error, ... on bad files; all mean "skip it"
         return None
 
 
 def _image_status(path, decode):
-    if not os.path.isfile(path):
+    if not os.path.exists(path):  # (a dangling symlink too)
         return "missing"
+    if not is_regular_file(path):
+        return "corrupt"  # a FIFO/socket/device/folder/dangling link: never opened (a FIFO would hang)
     if os.path.getsize(path) == 0:
         return "corrupt"
     if decode:
@@ -279,7 +297,7 @@ class ToRGB:
     """PIL -> RGB (a class, not a lambda, so transforms pickle into DataLoader workers)."""
 
     def __call__(self, img):
-        return img.convert("RGB")
+        return to_rgb(img)
 
 
 class RandomScaleShift:
@@ -327,19 +345,20 @@ class DistillDataset(Dataset):
 
     def __init__(self, records, indices, cache=None, image_size=(224, 112), train=True, max_seq_length=128,
                  vocab_size=8192, compose_prob=0.0, compose_zh_prob=0.5, langs=("en", "zh"), seed=0,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, augment_prob=0.0, attr_vocab=None):
         bad = [l for l in langs if l not in LANGS]
         if bad or not langs:
             raise ValueError(f"langs must be a non-empty subset of {LANGS}, got {tuple(langs)}")
         self.records, self.langs = records, tuple(langs)
         self.offsets = caption_offsets(records)
         self.compose_prob, self.compose_zh_prob = float(compose_prob), float(compose_zh_prob)
+        self.augment_prob, self.attr_vocab = float(augment_prob), attr_vocab
         self.max_seq_length, self.vocab_size, self.seed, self.epoch = max_seq_length, vocab_size, seed, 0
+        gen = self.compose_prob > 0 or self.augment_prob > 0  # captions can be generated from the attributes
         if hasattr(records, "usable"):  # a record store: the same rule on its columns, no per-record objects
-            keep = records.usable(indices, self.langs, self.compose_prob > 0)
+            keep = records.usable(indices, self.langs, gen)
         else:
-            keep = [int(r) for r in indices
-                    if self._rows(int(r)) or (self.compose_prob > 0 and records[r]["attributes"])]
+            keep = [int(r) for r in indices if self._rows(int(r)) or (gen and records[r]["attributes"])]
         self.indices = np.asarray(keep, dtype=np.int64)
         self.n_dropped = len(indices) - len(keep)
         if len(self.indices) == 0:
@@ -411,19 +430,34 @@ class DistillDataset(Dataset):
             torch.manual_seed(rng.getrandbits(63))
             image = self.transform(img)
         rec, rows = self.records[r], self._rows(r)
-        if rec["attributes"] and (not rows or rng.random() < self.compose_prob):
-            zh = "zh" in self.langs and ("en" not in self.langs or rng.random() < self.compose_zh_prob)
-            cap_row, text = -1, compose_caption(rec["attributes"], rng, "zh" if zh else "en")
+        attrs = rec["attributes"]
+        zh = "zh" in self.langs and ("en" not in self.langs or rng.random() < self.compose_zh_prob)
+        lang = "zh" if zh else "en"
+        u = rng.random()
+        if attrs and (not rows or u < self.compose_prob):  # a caption sentence composed from the attributes
+            cap_row = -1
+            en, zh_text = compose_caption_pair(attrs, rng)
+            text, fields = (zh_text if zh else en), mentioned_fields(attrs, en)
+        elif attrs and u < self.compose_prob + self.augment_prob:  # a query-like text (keywords, fields, ...)
+            cap_row = -1
+            text, fields = augment_caption(attrs, rng, lang)
         else:
             cap_row = rows[rng.randrange(len(rows))]
             k, n_en = cap_row - int(self.offsets[r]), len(rec["captions"])
             text = rec["captions"][k] if k < n_en else rec["captions_zh"][k - n_en]
+            # a Chinese row names what its parallel English caption names
+            fields = mentioned_fields(attrs, rec["captions"][k if k < n_en else k - n_en]) if attrs else set()
         ids, mask = encode_batch([text], max_len=self.max_seq_length, vocab_size=self.vocab_size)
         t_img, has_img = self._emb("image", r)
         t_cap, has_cap = self._emb("caption", cap_row)
-        return dict(image=image, text_ids=torch.from_numpy(ids[0]).long(), text_mask=torch.from_numpy(mask[0]).bool(),
-                    pid=rec["id"], img_row=r, cap_row=cap_row, t_img_emb=t_img, t_cap_emb=t_cap,
-                    has_t_img=has_img, has_t_cap=has_cap)
+        item = dict(image=image, text_ids=torch.from_numpy(ids[0]).long(),
+                    text_mask=torch.from_numpy(mask[0]).bool(), pid=rec["id"], img_row=r, cap_row=cap_row,
+                    t_img_emb=t_img, t_cap_emb=t_cap, has_t_img=has_img, has_t_cap=has_cap)
+        if self.attr_vocab is not None:
+            for key, f in (("img", None), ("cap", fields)):
+                t, w = self.attr_vocab.targets(attrs, f)
+                item[f"attr_{key}_target"], item[f"attr_{key}_weight"] = torch.tensor(t), torch.tensor(w)
+        return item
 
 
 class EvalImages(Dataset):
@@ -485,7 +519,7 @@ def main(args):
             records = load_records(args.data, args.image_root)
         train, test = (split_records(records, args.test_ratio, s) for s in ("train", "test"))
     except (DatasetError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(f"{e}")
     if args.index:  # counts come from the store's columns: no pass over millions of records here
         ids = records.ids
         print(f"split: {len(train)} train / {len(test)} test images, "

@@ -8,6 +8,12 @@ Layout of an --embedding_path directory:
   <field>.done.rank<r>.npy   per-rank done masks of a torchrun extraction, folded into <field>.done.npy at its end
 for the fields image, caption, attributes, prompt_caption.
 
+Opening checks what it can cheaply: every .npy's byte size against its header and the manifest (a truncated file
+is refused by readers; a writer resuming into it keeps the intact rows, marks the lost ones not done and says
+so, so they are recomputed - it is never grown with zeros behind done marks), and one pass over the rows marked
+done (all of them up to 256 MiB per field, evenly spread blocks beyond): NaN/inf, all-zero or unnormalised rows are
+treated as not done, with one warning line (a writer saves that, so a resume recomputes them).
+
 It is written by tools/extract_label.py and read (memory-mapped) by training and evaluation:
   python tools/extract_label.py --data SYNTH-PEDES/synthpedes-dataset.json --embedding_path embeddings
   python embedding_cache.py embeddings [--data SYNTH-PEDES/synthpedes-dataset.json]   # print what a cache holds
@@ -25,6 +31,23 @@ DTYPE = "float16"
 # what must agree for a cache to be resumed into (the dataset path may move, the bytes may not)
 MATCH_KEYS = ("format_version", "teacher", "teacher_kind", "dim", "dtype", "normalized", "multilingual",
               "dataset_sha256", "counts", "preprocessing")
+
+
+ROW_CHECK_BYTES = 256 << 20  # per field: rows checked in full up to this size, evenly spread blocks beyond
+_BLOCK_ROWS = 65536
+
+
+def _warn(msg):
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def npy_layout(path):
+    """(data offset, shape, dtype) from a .npy header; ValueError for a file too short to hold one."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = reader(f)
+        return f.tell(), shape, dtype
 
 
 class CacheMismatchError(ValueError):
@@ -98,7 +121,7 @@ def read_manifest(path):
     try:
         with open(mpath, encoding="utf-8") as f:
             m = json.load(f)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise CacheMismatchError(f"{path}: unreadable manifest.json ({type(e).__name__}: {e})") from None
     version = m.get("format_version") if isinstance(m, dict) else None
     if version != FORMAT_VERSION:
@@ -130,6 +153,7 @@ class EmbeddingCache:
     def __init__(self, path, manifest, mode="r", shard=None):
         self.path, self.manifest, self.mode, self.shard = str(path), manifest, mode, shard
         self._arrays, self._done, self._writers = {}, {}, {}
+        self._bad = {}  # field -> rows marked done whose values are unusable (kept across pickling: workers too)
 
     # -- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -156,7 +180,7 @@ class EmbeddingCache:
         return cls.open(path, mode="r+", shard=shard)
 
     @classmethod
-    def open(cls, path, data_json=None, counts=None, mode="r", shard=None):
+    def open(cls, path, data_json=None, counts=None, mode="r", shard=None, check_rows=True):
         """Open a cache. With `data_json` (and/or `counts` {field: rows}) refuse one built for other data."""
         path = str(path)
         m = read_manifest(path)
@@ -180,11 +204,102 @@ class EmbeddingCache:
                                              f"re-run tools/extract_label.py")
         cache = cls(path, m, mode, shard)
         for f in FIELDS:  # a damaged cache fails here with one line, not later inside a worker
+            cache._check_size(f)
             a = cache.array(f)
             if a.shape != (m["counts"][f], m["dim"]) or a.dtype != np.float16:
                 raise CacheMismatchError(f"{path}: {f}.npy is {a.dtype}{list(a.shape)}, the manifest says "
                                          f"float16[{m['counts'][f]}, {m['dim']}]; re-run tools/extract_label.py")
+        if check_rows:
+            cache.check_rows()
         return cache
+
+    # -- integrity --------------------------------------------------------------------------------------------------
+    def _check_size(self, field):
+        """The file must hold exactly header + N*D float16 values. np.memmap in r+ mode would silently grow a
+        truncated file with zeros (whose rows stay marked done): refuse it, or (writer) repair it visibly."""
+        fpath = os.path.join(self.path, f"{field}.npy")
+        n, d = int(self.manifest["counts"][field]), int(self.manifest["dim"])
+        try:
+            size = os.path.getsize(fpath)
+        except OSError as e:
+            raise CacheMismatchError(f"{self.path}: cannot open {field}.npy ({e.strerror})") from None
+        try:
+            offset, shape, dtype = npy_layout(fpath)
+        except (OSError, ValueError, SyntaxError):
+            offset, shape, dtype = None, None, None
+        if shape is not None and (tuple(shape) != (n, d) or dtype != np.float16):
+            return  # wrong shape/dtype: open() reports it
+        want = None if offset is None else offset + n * d * 2
+        if want is not None and size == want:
+            return
+        what = (f"{field}.npy is {size} bytes, its header and the manifest need {want}" if want is not None
+                else f"{field}.npy has no readable header ({size} bytes)")
+        if self.mode != "r+" or (want is not None and size > want):
+            raise CacheMismatchError(f"{self.path}: {what} (truncated or damaged); re-run tools/extract_label.py "
+                                     f"on it to recompute the lost rows")
+        self._repair(field, fpath, offset, size, n, d, what)
+
+    def _repair(self, field, fpath, offset, size, n, d, what):
+        """Writer only: rewrite a truncated field at full size, keep its intact rows, mark the others not done."""
+        keep = 0 if offset is None else max(0, min(n, (size - offset) // (2 * d)))
+        tmp = f"{fpath}.tmp{os.getpid()}.npy"
+        new = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, d))
+        if keep:
+            old = np.memmap(fpath, dtype=np.float16, mode="r", offset=offset, shape=(keep, d))
+            for s in range(0, keep, _BLOCK_ROWS):
+                e = min(keep, s + _BLOCK_ROWS)
+                new[s:e] = old[s:e]
+            del old
+        new.flush()
+        del new
+        done = self._read_done(field)
+        lost = int(done[keep:].sum())
+        done[keep:] = False
+        _atomic_save(os.path.join(self.path, f"{field}.done.npy"), done)  # masks first: never done without data
+        for s in self._shard_files(self.path, field):
+            os.remove(s)
+        os.replace(tmp, fpath)
+        self._done.pop(field, None)
+        _warn(f"{self.path}: {what}; kept its first {keep} rows, {lost} rows marked done were lost and are "
+              f"marked not done (they will be recomputed)")
+
+    def check_rows(self):
+        """One pass over the rows marked done: NaN/inf, all-zero or unnormalised ones count as not done.
+        -> {field: number of such rows}. A writer saves the corrected mask, so a resume recomputes them."""
+        counts = {}
+        for f in FIELDS:
+            a, done = self.array(f), self._read_done(f)
+            n, d = a.shape
+            if not n or not done.any():
+                continue
+            starts = list(range(0, n, _BLOCK_ROWS))
+            budget = max(1, ROW_CHECK_BYTES // max(1, _BLOCK_ROWS * d * 2))
+            sampled = len(starts) > budget
+            if sampled:  # evenly spread blocks: catches a damaged region, bounded time on huge caches
+                starts = [starts[int(i)] for i in np.linspace(0, len(starts) - 1, budget)]
+            bad = []
+            for s in starts:
+                m = done[s:s + _BLOCK_ROWS]
+                if not m.any():
+                    continue
+                blk = np.asarray(a[s:s + _BLOCK_ROWS], dtype=np.float32)
+                with np.errstate(over="ignore", invalid="ignore"):
+                    norm = np.sqrt((blk * blk).sum(axis=1))
+                ok = np.isfinite(norm) & (np.abs(norm - 1.0) < 0.01)  # rows are stored L2-normalised
+                bad.append(s + np.flatnonzero(m & ~ok))
+            bad = np.concatenate(bad) if bad else np.zeros(0, np.int64)
+            if len(bad):
+                self._bad[f] = bad
+                self._done.pop(f, None)
+                counts[f] = len(bad)
+                if self.mode == "r+" and self.shard in (None, 0):  # rank 0 opens first, before the others
+                    _atomic_save(os.path.join(self.path, f"{f}.done.npy"), self.done(f))
+        if counts:
+            what = ", ".join(f"{k} {v}" for k, v in counts.items())
+            _warn(f"{self.path}: rows marked done hold NaN/inf, zero or unnormalised values ({what}); they are "
+                  f"treated as not done" + (" and will be recomputed" if self.mode == "r+" else
+                                             " - re-run tools/extract_label.py to recompute them"))
+        return counts
 
     @staticmethod
     def _shard_files(path, field):
@@ -228,7 +343,13 @@ class EmbeddingCache:
     def _read_done(self, field):
         n = self.manifest["counts"][field]
         done = np.zeros(n, dtype=bool)
-        for p in [os.path.join(self.path, f"{field}.done.npy")] + self._shard_files(self.path, field):
+        main = os.path.join(self.path, f"{field}.done.npy")
+        if not os.path.isfile(main):
+            if self.mode != "r+":
+                raise CacheMismatchError(f"{self.path}: {field}.done.npy is missing, so which rows hold a teacher "
+                                         f"embedding is unknown; re-run tools/extract_label.py on this cache")
+            _warn(f"{self.path}: {field}.done.npy is missing; every {field} row is treated as not done and recomputed")
+        for p in [main] + self._shard_files(self.path, field):
             try:
                 d = np.load(p, allow_pickle=False)
             except FileNotFoundError:
@@ -246,7 +367,10 @@ class EmbeddingCache:
         if field not in FIELDS:
             raise KeyError(f"unknown cache field {field!r}; fields are {FIELDS}")
         if field not in self._done:
-            self._done[field] = self._read_done(field)
+            done = self._read_done(field)
+            if field in self._bad:
+                done[self._bad[field]] = False
+            self._done[field] = done
         return self._done[field]
 
     # -- writing --------------------------------------------------------------------------------------------------
@@ -290,6 +414,8 @@ class EmbeddingCache:
         done = self.done(field)
         done[rows] = True
         done_file.write(rows, np.ones(len(rows), dtype=bool))
+        if field in self._bad:  # rewritten rows are good again, also if the mask is read anew
+            self._bad[field] = np.setdiff1d(self._bad[field], rows)
 
     def close(self):
         """Release the writers' file descriptors (also done when the object is garbage-collected)."""
@@ -336,7 +462,8 @@ def main():
     try:
         cache = EmbeddingCache.open(args.path, data_json=args.data)
     except CacheMismatchError as e:
-        sys.exit(f"error: {e}")
+        from cli import fail
+        fail(e)
     m = cache.manifest
     print(f"teacher {m['teacher']} ({m['teacher_kind']}, multilingual {m['multilingual']}), "
           f"dataset {m['dataset']} sha256 {m['dataset_sha256'][:12]}")

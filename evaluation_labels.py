@@ -57,6 +57,7 @@ def select_rows(records, indices, img_done, cap_done, langs):
     img_rows = [r for r in indices if img_done[r]]
     pos = {r: k for k, r in enumerate(img_rows)}
     caps = [c for c in data_lib.eval_captions(records, indices, langs=langs) if cap_done[c[0]]]
+    offsets = data_lib.caption_offsets(records)
     return dict(
         img_rows=np.array(img_rows, np.int64),
         img_pids=np.array([records[r]["id"] for r in img_rows], np.int64),
@@ -64,7 +65,8 @@ def select_rows(records, indices, img_done, cap_done, langs):
         cap_rows=np.array([c[0] for c in caps], np.int64),
         cap_pids=np.array([c[1] for c in caps], np.int64),
         cap_img_index=np.array([pos.get(c[2], -1) for c in caps], np.int64),
-        cap_names=[f"{records[c[2]]['id']}/{records[c[2]]['file_path']}_caption" for c in caps],
+        cap_names=[f"{records[c[2]]['id']}/{records[c[2]]['file_path']}_caption{int(c[0] - offsets[c[2]])}"
+                   for c in caps],  # the caption's index in its record: two captions never share a name
         cap_texts=[c[3] for c in caps],
     )
 

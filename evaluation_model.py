@@ -22,6 +22,7 @@ import torch
 import data as data_lib
 import metrics
 from checkpoint import load_checkpoint
+from cli import HelpFormatter, fail
 from model import build_model
 from search.charmap import encode_batch
 
@@ -41,6 +42,11 @@ def get_args_parser(add_help=False):
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--json", default=None, help="write every figure to this file")
+    p.add_argument("--plots", default=None, metavar="DIR",
+                   help="write det.png (ROC/DET, with the teacher when its cache is there), retrieval.png (a few "
+                        "queries with their top-5 images) and learning_curve.png (from the run's train.log) to "
+                        "DIR, and add them to the run's TensorBoard")
+    p.add_argument("--plot_queries", type=int, default=6, help="queries on the retrieval sheet")
     return p
 
 
@@ -63,6 +69,7 @@ def embed_split(model, records, indices, cfg, device="cpu", langs=("en",), batch
     indices = list(indices)
     pos = {r: k for k, r in enumerate(indices)}
     caps = data_lib.eval_captions(records, indices, langs=langs)
+    offsets = data_lib.caption_offsets(records)
     out = {
         "img_records": indices,
         "img_pids": np.array([records[i]["id"] for i in indices], np.int64),
@@ -70,7 +77,7 @@ def embed_split(model, records, indices, cfg, device="cpu", langs=("en",), batch
         "cap_rows": np.array([c[0] for c in caps], np.int64),
         "cap_pids": np.array([c[1] for c in caps], np.int64),
         "cap_img_index": np.array([pos[c[2]] for c in caps], np.int64),
-        "cap_names": [f"{records[c[2]]['id']}/{records[c[2]]['file_path']}_caption" for c in caps],
+        "cap_names": [caption_name(records, offsets, c) for c in caps],
         "cap_texts": [c[3] for c in caps],
     }
     if images and not model.text_only:
@@ -85,22 +92,45 @@ def embed_split(model, records, indices, cfg, device="cpu", langs=("en",), batch
     return out
 
 
+def caption_name(records, offsets, cap):
+    """`<id>/<file_path>_caption<k>`, k = the caption's index within its record (en first, then zh): unique, so
+    an image's two captions never print as the same name in the error lists."""
+    row, _, r = cap[0], cap[1], cap[2]
+    return f"{records[r]['id']}/{records[r]['file_path']}_caption{int(row - offsets[r])}"
+
+
 def main(args):
+    import opts
+    opts.validate_args(args)  # the flags this script shares with main.py: same ranges, same messages
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        fail(f"--json {args.json}: its folder does not exist")
     try:
         ckpt = load_checkpoint(args.checkpoint)
     except ValueError as e:
-        raise SystemExit(f"error: {e}")
+        fail(e)
     targs, cfg = ckpt.get("args", {}), ckpt["model_cfg"]
+    if not isinstance(targs, dict):
+        targs = {}
     data_json = args.data or targs.get("data")
     image_root = args.image_root or targs.get("image_root")
     test_ratio = args.test_ratio if args.test_ratio is not None else targs.get("test_ratio", 0.1)
+    if type(test_ratio) not in (int, float) or not 0 <= test_ratio <= 1:
+        fail(f"{args.checkpoint}: its test_ratio {test_ratio!r:.40} is not a number in [0, 1]; pass --test_ratio")
+    if not isinstance(data_json, (str, type(None))) or not isinstance(image_root, (str, type(None))):
+        fail(f"{args.checkpoint}: its data / image_root are not paths; pass --data and --image_root")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if not data_json:
+        fail(f"{args.checkpoint}: records no dataset; pass --data")
     try:
         records = data_lib.load_records(data_json, image_root)
     except (ValueError, OSError) as e:
-        raise SystemExit(f"error: {e}")
-    model = build_model(cfg)
-    model.load_state_dict(ckpt["model"])
+        fail(e)
+    try:  # cfg and weights come from the file: any inconsistency is one line, not a traceback
+        model = build_model(cfg)
+        model.load_state_dict(ckpt["model"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
+        fail(f"{args.checkpoint}: cannot rebuild the model from it: {' '.join(lines[:2])[:300]}")
     model.to(device).eval()
 
     idx = list(range(len(records))) if args.split == "all" else data_lib.split_records(records, test_ratio, "test")
@@ -111,7 +141,7 @@ def main(args):
         try:
             cache = EmbeddingCache.open(args.embedding_path or targs.get("embedding_path"), data_json)
         except (ValueError, OSError) as e:
-            raise SystemExit(f"error: {e}")
+            fail(e)
         done = cache.done("image")
         idx = [i for i in idx if done[i]]
         teacher_cache = cache
@@ -121,14 +151,14 @@ def main(args):
             print(data_lib.format_skip_summary(n_missing, n_corrupt))
         idx = [idx[k] for k in ok]
     if not idx:
-        raise SystemExit("error: no evaluable images in the selected split")
+        fail("no evaluable images in the selected split")
     langs = tuple(s for s in args.langs.split(",") if s)
     emb = embed_split(model, records, idx, cfg, device=device, langs=langs, batch_size=args.batch_size,
                       workers=args.workers)
     if teacher_cache is not None:
         emb["img_emb"] = np.asarray(teacher_cache.array("image")[idx], dtype=np.float32)
     if len(emb["cap_texts"]) == 0:
-        raise SystemExit(f"error: the selected split has no captions in languages {args.langs}")
+        fail(f"the selected split has no captions in languages {args.langs}")
     print(f"{len(idx)} images, {len(emb['cap_texts'])} captions ({args.langs}), "
           f"{len(set(emb['img_pids'].tolist()))} identities, split={args.split}")
     res = metrics.evaluate_embeddings(emb["img_emb"], emb["cap_emb"], emb["cap_img_index"], emb["img_pids"],
@@ -138,18 +168,92 @@ def main(args):
     print(metrics.format_retrieval(res["t2i"], res["i2t"]))
     if cfg.get("text_only"):
         print("(text-only student: captions by the student, gallery = the teacher's image cache)")
+    if args.plots:
+        write_plots(args, ckpt, cfg, records, idx, emb, data_json)
     if args.json:
         out = {"checkpoint": args.checkpoint, "split": args.split, "langs": args.langs,
                "n_images": len(idx), "n_captions": len(emb["cap_texts"]), **metrics.to_jsonable(res)}
         tmp = f"{args.json}.tmp.{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=2)
-        os.replace(tmp, args.json)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(out, f, indent=2)
+            os.replace(tmp, args.json)
+        except OSError as e:
+            fail(f"cannot write {args.json}: {e.strerror or e}")
         print(f"wrote {args.json}")
     return res
 
 
+def retrieval_rows(emb, records, n_queries=6, k=5, seed=0, gallery_images=None):
+    """[(query, [(image, score, hit)])] for a retrieval sheet: the first caption of n seeded held-out ids."""
+    import random
+    first = {}
+    for j, pid in enumerate(emb["cap_pids"].tolist()):
+        first.setdefault(pid, j)
+    picks = sorted(random.Random(seed).sample(sorted(first), min(n_queries, len(first))))
+    rows = []
+    for pid in picks:
+        j = first[pid]
+        s = emb["img_emb"] @ emb["cap_emb"][j]
+        top = np.argsort(-s, kind="stable")[:k]
+        imgs = gallery_images or [records[r]["image_path"] for r in emb["img_records"]]
+        rows.append((emb["cap_texts"][j], [(imgs[t], float(s[t]), bool(emb["img_pids"][t] == pid)) for t in top]))
+    return rows
+
+
+def write_plots(args, ckpt, cfg, records, idx, emb, data_json):
+    """det.png, retrieval.png, learning_curve.png into args.plots, and into the run's TensorBoard as images."""
+    from pathlib import Path
+    import plots
+    out = Path(args.plots)
+    curves = {"student": plots.det_curve(emb["img_emb"], emb["cap_emb"], emb["cap_img_index"], emb["img_pids"],
+                                         emb["cap_pids"])}
+    emb_path = args.embedding_path or ckpt.get("args", {}).get("embedding_path")
+    try:  # the teacher's curve on the same pairs, from its cache, when the cache is at hand
+        from embedding_cache import EmbeddingCache
+        cache = EmbeddingCache.open(emb_path, data_json)
+        if cache.done("image")[idx].all() and cache.done("caption")[emb["cap_rows"]].all():
+            curves = {"teacher": teacher_det_curve(cache, emb), **curves}
+    except (ValueError, OSError, TypeError) as e:
+        print(f"(det.png without the teacher: {str(e).splitlines()[0] if str(e) else type(e).__name__})")
+    rows = None if cfg.get("text_only") else retrieval_rows(emb, records, args.plot_queries)
+    return save_plots(out, curves, rows, Path(args.checkpoint).resolve().parent, int(ckpt.get("step", 0)))
+
+
+def teacher_det_curve(cache, emb):
+    """(far, frr) of the teacher's cache rows on exactly the student's evaluation pairs."""
+    import plots
+    t_img = np.asarray(cache.array("image")[emb["img_records"]], np.float32)
+    t_cap = np.asarray(cache.array("caption")[emb["cap_rows"]], np.float32)
+    return plots.det_curve(t_img, t_cap, emb["cap_img_index"], emb["img_pids"], emb["cap_pids"])
+
+
+def save_plots(out, curves, rows, run_dir, step):
+    """det.png from curves {label: (far, frr)}, retrieval.png from rows (None: skipped), learning_curve.png from
+    run_dir/train.log; each also into run_dir's TensorBoard as an image. -> {name: path}"""
+    from pathlib import Path
+    import plots
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"det": plots.plot_det(curves, out / "det.png")}
+    if rows:
+        files["retrieval"] = plots.plot_retrieval_sheet(rows, out / "retrieval.png")
+    log = Path(run_dir) / "train.log"
+    points = plots.read_eval_log(log) if log.exists() else {}
+    files["learning_curve"] = plots.plot_learning_curve(points, out / "learning_curve.png")
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        w = SummaryWriter(str(run_dir))
+        for name, f in files.items():
+            w.add_image(f"plots/{name}", plots.png_to_array(f), step, dataformats="HWC")
+        w.close()
+    except (OSError, ImportError) as e:
+        print(f"(plots not added to TensorBoard: {e})")
+    print("wrote " + ", ".join(files.values()))
+    return files
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser("evaluation_model.py", parents=[get_args_parser()], description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=HelpFormatter)
     main(parser.parse_args())

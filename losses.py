@@ -20,6 +20,12 @@ Terms (a weight of 0 removes the term from the dict and from the computation):
   id_img_cap          plus a cross-batch memory of past embeddings (XBM, Wang et al. CVPR 2020)
   d_pos               mean (1 - cos) of an image and its own caption
   s_neg               relu(cos - margin) over image/caption pairs of different identities
+  attr_img/attr_cap   attribute words (captions.AttributeVocab: "red", "shirt", "backpack" per field) predicted
+                      from the unit embedding by ONE linear classifier shared by both towers (binary
+                      cross-entropy over the known words: every field of an image, only the named fields of a
+                      caption). Factorised labels let ~1000 training identities teach colours and garments
+                      separately, and the shared classifier puts "red" in the same direction for pixels and
+                      words. Needs attributes in the dataset; the classifier is training-only (not exported).
 
 Conventions:
   * everything is computed in float32 with autocast disabled (bf16 similarity matrices lose the small
@@ -65,11 +71,12 @@ DEFAULTS = {
     "s_neg_weight": 1.0,
     "s_neg_margin": 0.2,
     "s_neg_mode": "mean",
+    "attr_weight": 1.0,
 }
 
 # Order of the dict the criterion returns (= the order the trainer logs them in; the seed's order first).
 TERM_ORDER = ("dist_rel", "rkda_img", "rkda_cap", "rkdd_img", "rkdd_cap", "fd_img", "fd_cap",
-              "id_img", "id_cap", "id_img_cap", "d_pos", "s_neg")
+              "id_img", "id_cap", "id_img_cap", "d_pos", "s_neg", "attr_img", "attr_cap")
 
 # Temperature floor of the automatic (standardising) temperatures: bounds the logits' gradient when a
 # (fresh, nearly collapsed) student has almost no spread in its similarities.
@@ -124,6 +131,9 @@ def add_loss_args(parser):
     g.add_argument("--s_neg_weight", type=float, default=d["s_neg_weight"],
                    help="relu(cos - margin) over image/caption pairs of different identities")
     g.add_argument("--s_neg_margin", type=float, default=d["s_neg_margin"], help="margin of s_neg")
+    g.add_argument("--attr_weight", type=float, default=d["attr_weight"],
+                   help="attribute-word loss on both towers' embeddings through one shared classifier "
+                        "(attr_img, attr_cap); used when the dataset has attributes")
     g.add_argument("--s_neg_mode", choices=["mean", "hard"], default=d["s_neg_mode"],
                    help="mean: over all different-identity pairs; hard: the hardest negative of each image and "
                         "of each caption (VSE++), averaged")
@@ -289,12 +299,12 @@ class DistillLoss(nn.Module):
                  rkda_weight=1.0, rkdd_weight=0.5, rkd_max_rows=128, fd_weight=1.0, fd_proj="auto", fd_center=1,
                  id_img_weight=0.1, id_cap_weight=0.1, id_img_cap_weight=1.0, id_temp=0.05,
                  memory_size=4096, memory_warmup=1000, d_pos_weight=0.1, s_neg_weight=1.0, s_neg_margin=0.2,
-                 s_neg_mode="mean"):
+                 s_neg_mode="mean", attr_weight=1.0, attr_words=0):
         super().__init__()
         self.s_dim, self.t_dim = int(s_dim), int(t_dim)
         self.w = {"dist_rel": dist_rel_weight, "rkda": rkda_weight, "rkdd": rkdd_weight, "fd": fd_weight,
                   "id_img": id_img_weight, "id_cap": id_cap_weight, "id_img_cap": id_img_cap_weight,
-                  "d_pos": d_pos_weight, "s_neg": s_neg_weight}
+                  "d_pos": d_pos_weight, "s_neg": s_neg_weight, "attr": attr_weight if attr_words > 0 else 0.0}
         for k, v in self.w.items():
             if v < 0:
                 raise ValueError(f"loss weight for {k} must be >= 0, got {v}")
@@ -318,6 +328,13 @@ class DistillLoss(nn.Module):
         self.fd_proj = None
         if fd_weight > 0 and (self.s_dim != self.t_dim or fd_proj == "linear"):
             self.fd_proj = nn.Linear(self.s_dim, self.t_dim, bias=False)
+
+        # attribute classifier on the unit embeddings; a fixed-size logit scale, learnt, because unit vectors
+        # through a default-initialised Linear give logits too small to fit 0/1 targets quickly
+        self.attr_head = None
+        if self.w["attr"] > 0:
+            self.attr_head = nn.Linear(self.s_dim, int(attr_words))
+            self.attr_logit_scale = nn.Parameter(torch.tensor(10.0))
 
         uses_memory = any(self.w[k] > 0 for k in ("id_img", "id_cap", "id_img_cap"))
         self.memory_size = int(memory_size) if uses_memory else 0
@@ -372,10 +389,24 @@ class DistillLoss(nn.Module):
 
     # ---- forward
 
-    def forward(self, s_img, s_cap, t_img, t_cap, has_t_img, has_t_cap, pids, img_rows=None):
+    def forward(self, s_img, s_cap, t_img, t_cap, has_t_img, has_t_cap, pids, img_rows=None, attr=None):
+        """attr: {"img_target", "img_weight", "cap_target", "cap_weight"} [B, words] 0/1 floats, or None."""
         # float32 even under autocast: see the module docstring
         with torch.autocast(device_type=s_cap.device.type, enabled=False):
-            return self._forward(s_img, s_cap, t_img, t_cap, has_t_img, has_t_cap, pids, img_rows)
+            out = self._forward(s_img, s_cap, t_img, t_cap, has_t_img, has_t_cap, pids, img_rows)
+            if self.attr_head is not None and attr is not None:
+                for mod, x in (("img", s_img), ("cap", s_cap)):
+                    if x is not None:
+                        out[f"attr_{mod}"] = self.w["attr"] * self._attr(x.float(), attr[f"{mod}_target"],
+                                                                        attr[f"{mod}_weight"])
+        return {k: out[k] for k in TERM_ORDER if k in out}
+
+    def _attr(self, x, target, weight):
+        """Masked binary cross-entropy of the shared attribute classifier, mean over the known words."""
+        dev = x.device
+        z = self.attr_logit_scale * self.attr_head(x)
+        bce = F.binary_cross_entropy_with_logits(z, target.float().to(dev), reduction="none")
+        return _masked_mean(bce, weight.float().to(dev))
 
     def _forward(self, s_img, s_cap, t_img, t_cap, has_t_img, has_t_cap, pids, img_rows):
         dev = s_cap.device
@@ -516,10 +547,11 @@ class DistillLoss(nn.Module):
         return 0.5 * (rows + cols)
 
 
-def build_criterion(args, s_dim, t_dim):
-    """DistillLoss from an argparse Namespace (or any object with attributes); missing ones take DEFAULTS."""
+def build_criterion(args, s_dim, t_dim, attr_words=0):
+    """DistillLoss from an argparse Namespace (or any object with attributes); missing ones take DEFAULTS.
+    attr_words: size of the attribute vocabulary (0: no attribute terms)."""
     kw = {k: getattr(args, k, v) for k, v in DEFAULTS.items()}
-    return DistillLoss(s_dim, t_dim, **kw)
+    return DistillLoss(s_dim, t_dim, attr_words=attr_words, **kw)
 
 
 if __name__ == "__main__":  # python3 losses.py: print the flags and their defaults

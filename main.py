@@ -44,7 +44,9 @@ import losses
 import metrics
 import opts
 import record_store
+from captions import AttributeVocab
 from checkpoint import load_checkpoint, save_checkpoint
+from cli import HelpFormatter, fail
 from embedding_cache import EmbeddingCache
 from model import build_model, default_model_cfg
 
@@ -78,17 +80,21 @@ def is_main(args):
     return args.rank == 0
 
 
-def setup_logging(args, run_dir):
+def setup_logging(args, run_dir=None):
+    """Console first (run_dir None: nothing is created before the inputs are checked), then the run's train.log."""
     fmt = logging.Formatter("%(asctime)s-%(levelname)s:%(message)s")
-    log.handlers.clear()
-    log.propagate = False
+    if run_dir is None:
+        log.handlers.clear()
+        log.propagate = False
     if not is_main(args):  # only rank 0 prints and logs
         log.addHandler(logging.NullHandler())
         return
     log.setLevel(logging.INFO)
-    sh = logging.StreamHandler(sys.stdout)
-    sh.setFormatter(fmt)
-    log.addHandler(sh)
+    if run_dir is None:
+        sh = logging.StreamHandler(sys.stdout)
+        sh.setFormatter(fmt)
+        log.addHandler(sh)
+        return
     fh = logging.FileHandler(run_dir / "train.log")
     fh.setFormatter(fmt)
     log.addHandler(fh)
@@ -102,14 +108,44 @@ def exp_dir(args):
 
 
 def choose_run_dir(args):
-    """Next free number for a new run; the newest run for --resume auto (so a restart continues it)."""
+    """Next free number for a new run; for --resume auto the newest run that has a last.pt (a launch that failed
+    before its first checkpoint must not hide the run it was meant to continue)."""
     root = exp_dir(args)
     if args.run_name:
         return root / str(args.run_name)
     nums = sorted(int(p.name) for p in root.glob("*") if p.is_dir() and p.name.isdigit()) if root.exists() else []
-    if args.resume == "auto" and nums:
-        return root / str(nums[-1])
+    resumable = [n for n in nums if (root / str(n) / "last.pt").is_file()]
+    if args.resume == "auto" and resumable:
+        return root / str(resumable[-1])
     return root / str((nums[-1] + 1) if nums else 1)
+
+
+def remove_stale_tmp(run_dir):
+    """Temp files of saves that were killed (`N.pt.tmp.PID` of a process that no longer runs) -> removed count."""
+    n = 0
+    for p in run_dir.glob("*.tmp.*"):
+        pid = p.name.rsplit(".tmp.", 1)[-1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # its writer is alive (e.g. another rank): leave it
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue
+        p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
+def _one_line(e):
+    """First line of an exception (load_state_dict's messages span many lines)."""
+    if isinstance(e, KeyError):
+        return f"missing key {e}"
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
+    text = lines[0] + (" " + lines[1] if lines[0].endswith(":") and len(lines) > 1 else "")
+    return text[:300]
 
 
 def find_resume(args, run_dir):
@@ -119,7 +155,7 @@ def find_resume(args, run_dir):
     if args.resume:
         p = Path(args.resume)
         if not p.exists():
-            raise SystemExit(f"error: --resume {args.resume}: no such checkpoint")
+            fail(f"--resume {args.resume}: no such checkpoint")
         return p
     return None
 
@@ -211,29 +247,35 @@ class ResumableSampler(torch.utils.data.Sampler):
 
 
 def build_data(args, records, cache):
+    """-> (train Dataset, sampler, train_idx, val_idx, attribute vocabulary or None). The test identities are
+    not touched here: they are for the final table (evaluation_model.py), never for choosing anything."""
     langs = tuple(s for s in args.langs.split(",") if s)
-    train_idx = data_lib.split_records(records, args.test_ratio, "train")
-    test_idx = data_lib.split_records(records, args.test_ratio, "test")
+    train_idx = data_lib.split_records(records, args.test_ratio, "train", args.val_ratio)
+    val_idx = data_lib.split_records(records, args.test_ratio, "val", args.val_ratio)
     # answered from the record store's verdict, checked once when it was built (decoded up to 200k records,
     # header-only above); the dataset's fallback covers a file that turns out truncated later
-    ok, n_missing, n_corrupt = data_lib.check_images(records, indices=train_idx + test_idx,
+    ok, n_missing, n_corrupt = data_lib.check_images(records, indices=train_idx + val_idx,
                                                      decode=len(records) <= 200_000)
     ok = set(ok)
     if n_missing or n_corrupt:
         log.info(data_lib.format_skip_summary(n_missing, n_corrupt))
     train_idx = [i for i in train_idx if i in ok]
-    test_idx = [i for i in test_idx if i in ok]
+    val_idx = [i for i in val_idx if i in ok]
+    vocab = None
+    if args.attr_weight > 0:
+        vocab = AttributeVocab.build(records[i]["attributes"] for i in train_idx)
+        vocab = vocab if len(vocab) else None  # no attributes in this dataset: no attribute terms
     if len(train_idx) < args.batch_size * args.world_size:
-        raise SystemExit(f"error: {len(train_idx)} usable training images is fewer than one global batch "
-                         f"({args.batch_size} x {args.world_size}); lower --batch_size")
+        fail(f"{len(train_idx)} usable training images is fewer than one global batch "
+             f"({args.batch_size} x {args.world_size}); lower --batch_size")
     ds = data_lib.DistillDataset(records, train_idx, cache=cache, image_size=args.image_size, train=True,
                                  max_seq_length=args.max_seq_length, vocab_size=args.vocab_size,
                                  compose_prob=args.compose_prob, compose_zh_prob=args.compose_zh_prob,
-                                 langs=langs, seed=args.seed)
+                                 langs=langs, seed=args.seed, augment_prob=args.augment_prob, attr_vocab=vocab)
     sampler = ResumableSampler(len(ds), args.batch_size, args.rank, args.world_size, args.seed,
                                groups=[records[int(r)]["id"] for r in ds.indices],
                                instances_per_id=args.instances_per_id)
-    return ds, sampler, train_idx, test_idx
+    return ds, sampler, train_idx, val_idx, vocab
 
 
 def make_loader(args, ds, sampler):
@@ -248,17 +290,30 @@ def make_loader(args, ds, sampler):
 # ----------------------------------------------------------------------------- model + loss in one module
 
 class Distiller(nn.Module):
-    """Student + criterion as one module so DDP syncs the criterion's trainable projections too."""
+    """Student + criterion as one module so DDP syncs the criterion's trainable projections too.
+    Each tower runs under its own autocast dtype (amp_plan); the criterion computes in float32 itself."""
 
-    def __init__(self, model, criterion):
+    def __init__(self, model, criterion, image_dtype=None, text_dtype=None, channels_last=False):
         super().__init__()
         self.model, self.criterion = model, criterion
+        self.image_dtype, self.text_dtype, self.channels_last = image_dtype, text_dtype, channels_last
 
     def forward(self, batch):
-        s_img = None if self.model.text_only else self.model.encode_image(batch["image"])
-        s_cap = self.model.encode_text(batch["text_ids"], batch["text_mask"])
+        s_img = None
+        dev = batch["text_ids"].device.type
+        if not self.model.text_only:
+            x = batch["image"]
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=dev, dtype=self.image_dtype, enabled=self.image_dtype is not None):
+                s_img = self.model.encode_image(x)
+        with torch.autocast(device_type=dev, dtype=self.text_dtype, enabled=self.text_dtype is not None):
+            s_cap = self.model.encode_text(batch["text_ids"], batch["text_mask"])
+        attr = None
+        if "attr_img_target" in batch:
+            attr = {k: batch[f"attr_{k}"] for k in ("img_target", "img_weight", "cap_target", "cap_weight")}
         return self.criterion(s_img, s_cap, batch["t_img_emb"], batch["t_cap_emb"], batch["has_t_img"],
-                              batch["has_t_cap"], batch["pid"], batch["img_row"])
+                              batch["has_t_cap"], batch["pid"], batch["img_row"], attr=attr)
 
 
 def lr_lambda_factory(args):
@@ -280,21 +335,46 @@ def param_groups(module, weight_decay):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def amp_dtype(args):
+def cpu_has_native_bf16():
+    """AMX or AVX512-BF16: bf16 matmuls run natively (oneDNN) instead of being emulated."""
+    cpu = getattr(torch, "cpu", None)
+    return any(bool(getattr(cpu, f, lambda: False)()) for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+
+def amp_plan(args):
+    """(image tower dtype, text tower dtype) for autocast; None = float32.
+
+    auto: bf16 for both towers on CUDA. On a CPU with native bf16 (AMX / AVX512-BF16): bf16 for the text tower
+    only -- its matmuls ran 1.6x faster, while bf16 convolutions of the image tower ran 2-8x *slower* than
+    float32 channels-last on the same CPU (bench/train_profile.py) -- and float32 elsewhere."""
     if args.amp == "auto":
-        return torch.bfloat16 if args.device.startswith("cuda") else None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.amp]
+        if args.device.startswith("cuda"):
+            return torch.bfloat16, torch.bfloat16
+        return None, (torch.bfloat16 if cpu_has_native_bf16() else None)
+    d = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}[args.amp]
+    return d, d
+
+
+def amp_dtype(args):
+    """The dtype that needs a GradScaler (fp16 anywhere), else the first reduced dtype in use, else None."""
+    plan = [d for d in amp_plan(args) if d is not None]
+    return torch.float16 if torch.float16 in plan else (plan[0] if plan else None)
+
+
+def use_channels_last(args):
+    return args.channels_last == "1" or (args.channels_last == "auto")
 
 
 # ----------------------------------------------------------------------------- evaluation hook
 
 @torch.no_grad()
-def evaluate_heldout(args, model, records, test_idx):
+def evaluate_heldout(args, model, records, val_idx):
+    """R@1/EER... on the validation identities (never the test ones): the learning curve and best.pt."""
     from evaluation_model import embed_split  # the same embedding code as the evaluation script
-    if not test_idx or model.text_only:
+    if not val_idx or model.text_only:
         # text-only students are evaluated against the teacher's image cache (evaluation_model.py)
         return {}
-    idx = test_idx[:args.eval_max_images]
+    idx = val_idx[:args.eval_max_images]
     langs = tuple(s for s in args.eval_langs.split(",") if s)
     emb = embed_split(model, records, idx, model.cfg, device=args.device, langs=langs, batch_size=64,
                       workers=min(args.workers, 2), progress=False)
@@ -310,7 +390,6 @@ def evaluate_heldout(args, model, records, test_idx):
 def train_one_epoch(args, state, loader, distiller, optimizer, scheduler, scaler, writer, ctx):
     """Runs until the epoch's batches or --iters run out; returns when a checkpoint/eval is due or done."""
     device = torch.device(args.device)
-    dtype = amp_dtype(args)
     hist = ctx["hist"]
     t_data = time.time()
     for batch in loader:
@@ -321,8 +400,7 @@ def train_one_epoch(args, state, loader, distiller, optimizer, scheduler, scaler
         batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
         ctx["data_time"] += time.time() - t_data
         t0 = time.time()
-        with torch.autocast(device_type=device.type, dtype=dtype, enabled=dtype is not None):
-            terms = distiller(batch)
+        terms = distiller(batch)  # autocast per tower inside (amp_plan)
         total = sum(terms.values())
         if not torch.isfinite(total):
             # skip, count, and stop if it persists: one bad batch must not poison the weights
@@ -347,6 +425,8 @@ def train_one_epoch(args, state, loader, distiller, optimizer, scheduler, scaler
         scheduler.step()
         state["step"] = step = step + 1
         ctx["compute_time"] += time.time() - t0
+        if ctx.get("bar") is not None:
+            ctx["bar"].update(1)
 
         values = {k: v.item() for k, v in terms.items()}
         values["total"] = total.item()
@@ -368,19 +448,11 @@ def train_one_epoch(args, state, loader, distiller, optimizer, scheduler, scaler
 
 
 def main(args):
+    opts.validate_args(args)  # every flag checked before anything is loaded or created
     if args.warmup < 0:  # auto: a tenth of a short run, at most 500 steps (a fixed 500 would never end in 200 iters)
         args.warmup = min(500, args.iters // 10)
     init_distributed(args)
-    run_dir = choose_run_dir(args)
-    if args.distributed:
-        obj = [str(run_dir)]
-        dist.broadcast_object_list(obj, src=0)
-        run_dir = Path(obj[0])
-    if is_main(args):
-        run_dir.mkdir(parents=True, exist_ok=True)
-    if args.distributed:
-        dist.barrier()
-    setup_logging(args, run_dir)
+    setup_logging(args)  # console only: no run folder exists until the inputs below are known to be usable
 
     # ---- data and teacher cache
     try:
@@ -390,57 +462,98 @@ def main(args):
                                       progress=is_main(args))
         cache = EmbeddingCache.open(args.embedding_path, args.data)
     except (ValueError, FileNotFoundError, OSError) as e:
-        raise SystemExit(f"error: {e}")
+        fail(e)
+    n_done = {f: int(cache.done(f).sum()) for f in ("image", "caption")}
+    if not any(n_done.values()):
+        fail(f"{args.embedding_path}: no image or caption row has a teacher embedding (done masks all false); every "
+             f"distillation term would be 0 - run tools/extract_label.py to fill the cache")
+    for f, n in n_done.items():
+        if n == 0 and not (f == "image" and args.text_only):
+            log.warning(f"warning: {args.embedding_path}: no {f} row has a teacher embedding; the {f}-side "
+                        f"distillation terms will be 0")
     teacher_dim = cache.dim
     if args.text_only:
         args.feature_dim = teacher_dim
-    ds, sampler, train_idx, test_idx = build_data(args, records, cache)
+    try:  # DatasetError / CacheMismatchError: one line, not a traceback from inside the dataset
+        ds, sampler, train_idx, val_idx, attr_vocab = build_data(args, records, cache)
+    except ValueError as e:
+        fail(e)
 
-    # ---- resume or fresh start
+    # ---- resume or fresh start (checked before the run folder is created)
+    run_dir = choose_run_dir(args)
+    if args.distributed:
+        obj = [str(run_dir)]
+        dist.broadcast_object_list(obj, src=0)
+        run_dir = Path(obj[0])
     resume_path = find_resume(args, run_dir)
     ckpt = None
     if resume_path is not None:
         try:
             ckpt = load_checkpoint(resume_path)
         except ValueError as e:
-            raise SystemExit(f"error: {e}")
+            fail(e)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    model_cfg = ckpt["model_cfg"] if ckpt else default_model_cfg(args, teacher_dim, cache.manifest.get("teacher", ""))
-    model = build_model(model_cfg, backbone_weights=None if ckpt else args.backbone_weights)
-    if args.distributed and args.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    criterion = losses.build_criterion(args, model_cfg["feature_dim"], teacher_dim)
-    device = torch.device(args.device)
-    distiller = Distiller(model, criterion).to(device)
+    try:  # a checkpoint's cfg/state can be wrong in many ways: each is one line naming the file
+        model_cfg = ckpt["model_cfg"] if ckpt else default_model_cfg(args, teacher_dim,
+                                                                     cache.manifest.get("teacher", ""))
+        model = build_model(model_cfg, backbone_weights=None if ckpt else args.backbone_weights)
+        if args.distributed and args.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        criterion = losses.build_criterion(args, model_cfg["feature_dim"], teacher_dim,
+                                           attr_words=len(attr_vocab) if attr_vocab else 0)
+        device = torch.device(args.device)
+        image_dtype, text_dtype = amp_plan(args)
+        channels_last = use_channels_last(args) and not model.text_only
+        if channels_last:  # oneDNN / cuDNN convolutions: float32 channels-last ran ~1.5x faster on a CPU here
+            model = model.to(memory_format=torch.channels_last)
+        distiller = Distiller(model, criterion, image_dtype, text_dtype, channels_last).to(device)
 
-    optimizer = torch.optim.AdamW(param_groups(distiller, args.weight_decay), lr=args.lr, betas=(0.9, 0.98))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_factory(args))
-    dtype = amp_dtype(args)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    state = {"step": 0, "batches": 0, "bad_steps": 0, "bad_total": 0, "best_r1": -1.0}
+        optimizer = torch.optim.AdamW(param_groups(distiller, args.weight_decay), lr=args.lr, betas=(0.9, 0.98))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_factory(args))
+        dtype = amp_dtype(args)
+        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        state = {"step": 0, "batches": 0, "bad_steps": 0, "bad_total": 0, "best_r1": -1.0}
+        if ckpt:
+            if type(ckpt.get("step")) is not int or ckpt["step"] < 0:
+                raise ValueError(f"'step' must be a non-negative integer, got {ckpt.get('step')!r:.40}")
+            model.load_state_dict(ckpt["model"])
+            criterion.load_state_dict(ckpt["criterion"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            if ckpt.get("scaler"):
+                scaler.load_state_dict(ckpt["scaler"])
+            state.update(ckpt.get("state", {}))
+            state["step"] = ckpt["step"]
+            rng = ckpt.get("rng") or {}
+            if "torch" in rng:
+                torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(list(rng["cuda"]))
+    except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
+        where = f"{resume_path}: cannot resume from this checkpoint" if ckpt else "cannot build the model"
+        fail(f"{where}: {_one_line(e)}")
+
+    if is_main(args):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        # every run of this experiment: a crashed run that is never resumed must not keep 48 MB temp files either
+        n_stale = sum(remove_stale_tmp(d) for d in exp_dir(args).glob("*") if d.is_dir())
+    if args.distributed:
+        dist.barrier()
+    setup_logging(args, run_dir)
+    if is_main(args) and n_stale:
+        log.info(f"removed {n_stale} temp file(s) of interrupted saves in {exp_dir(args)}")
     if ckpt:
-        model.load_state_dict(ckpt["model"])
-        criterion.load_state_dict(ckpt["criterion"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        state.update(ckpt.get("state", {}))
-        state["step"] = int(ckpt["step"])
-        rng = ckpt.get("rng") or {}
-        if "torch" in rng:
-            torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(list(rng["cuda"]))
         log.info(f"Resumed from {resume_path} at iteration {state['step']}")
 
     n_params = sum(p.numel() for p in model.parameters())
     if is_main(args):
         atomic_write_text(run_dir / "args.json", json.dumps(vars(args), indent=2, default=str))
-        log.info(f"run: {run_dir}  train images: {len(train_idx)}  test images: {len(test_idx)}  "
+        log.info(f"run: {run_dir}  train images: {len(train_idx)}  val images: {len(val_idx)}  "
+                 f"attribute words: {len(attr_vocab) if attr_vocab else 0}  "
                  f"teacher: {cache.manifest.get('teacher')} (dim {teacher_dim})  student params: {n_params/1e6:.2f}M  "
-                 f"device: {args.device} x{args.world_size}  amp: {dtype}")
+                 f"device: {args.device} x{args.world_size}  amp: image {image_dtype} text {text_dtype}  "
+                 f"channels_last: {channels_last}")
 
     train_module = distiller
     if args.compile:
@@ -456,6 +569,10 @@ def main(args):
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(run_dir))
     ctx = {"hist": {}, "data_time": 0.0, "compute_time": 0.0}
+    if is_main(args):  # rate and ETA on stderr; the log lines stay on stdout and in train.log
+        from tqdm import tqdm
+        ctx["bar"] = tqdm(total=args.iters, initial=state["step"], unit="step", dynamic_ncols=True,
+                          mininterval=1.0 if sys.stderr.isatty() else 30.0)
     bpe = sampler.batches_per_epoch
     t_start, step_start = time.time(), state["step"]
 
@@ -465,6 +582,7 @@ def main(args):
         obj = {"model": model.state_dict(), "criterion": criterion.state_dict(), "optimizer": optimizer.state_dict(),
                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": state["step"],
                "args": json.loads(json.dumps(vars(args), default=str)), "model_cfg": model_cfg,
+               "attr_vocab": attr_vocab.to_list() if attr_vocab else [],
                "state": {k: v for k, v in state.items() if k != "step"},
                "rng": {"torch": torch.get_rng_state(),
                        **({"cuda": torch.stack(torch.cuda.get_rng_state_all())} if torch.cuda.is_available() else {})}}
@@ -472,7 +590,8 @@ def main(args):
         log.info(f"Saving checkpoint to {path}")
         save_checkpoint(path, obj)
         link_or_copy_atomic(path, run_dir / "last.pt")
-        if tag_best:
+        if tag_best or (state["step"] >= args.iters and not (run_dir / "best.pt").exists()):
+            # no validation identities (or none evaluated yet): best.pt is the final model
             link_or_copy_atomic(path, run_dir / "best.pt")
         prune_checkpoints(run_dir, args.keep_checkpoints)
 
@@ -486,13 +605,17 @@ def main(args):
         train_one_epoch(args, state, make_loader(args, ds, sampler), train_module, optimizer, scheduler, scaler,
                         writer, ctx)
         if state["batches"] == before:
-            raise SystemExit("error: the training loader produced no batch; check --batch_size and the data")
+            fail("the training loader produced no batch; check --batch_size and the data")
         step = state["step"]
         is_best = False
         if step > 0 and ((args.eval_every and step % args.eval_every == 0) or step >= args.iters):
             if is_main(args):
                 distiller.eval()
-                head = evaluate_heldout(args, model, records, test_idx)
+                try:
+                    head = evaluate_heldout(args, model, records, val_idx)
+                except ValueError as e:  # NaN/inf embeddings: the weights diverged although the loss stayed finite
+                    fail(f"validation at iteration {step} failed ({_one_line(e)}); the model diverged - "
+                         f"lower --lr (the last good checkpoint is kept)", code=1)
                 distiller.train()
                 if head:
                     head = {k: v for k, v in head.items() if v is not None}  # unresolvable FAR levels
@@ -507,6 +630,7 @@ def main(args):
             save(tag_best=is_best)
 
     if is_main(args):
+        ctx["bar"].close()
         secs = time.time() - t_start
         steps = state["step"] - step_start
         busy = ctx["data_time"] + ctx["compute_time"]
@@ -521,5 +645,9 @@ def main(args):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser("main.py", parents=[opts.get_args_parser()], description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    main(parser.parse_args())
+                                     formatter_class=HelpFormatter)
+    try:
+        main(parser.parse_args())
+    except KeyboardInterrupt:
+        print("interrupted: the newest checkpoint is kept; continue with --resume auto", file=sys.stderr)
+        raise SystemExit(130) from None

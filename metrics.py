@@ -26,6 +26,8 @@ import time
 import numpy as np
 import torch
 
+from search.charmap import printable
+
 DEFAULT_FAR_LEVELS = (1e-3, 1e-4, 1e-5, 1e-6, 0.0)
 DEFAULT_BLOCK = 1 << 22  # scores held at once (~16 MiB of float32); the per-block work keeps a few copies of it
 _CELLS_PER_POSITIVE = 16  # resolution of the counting lookup table (speed only; results are exact at any value)
@@ -575,7 +577,7 @@ def format_error_lists(result, img_names, cap_names, k=None):
     for title, key in (("False Rejected", "false_rejects"), ("False Accepted", "false_accepts")):
         lines.append(f"Top-{k} {title}:")
         for i, j, s in result[key][:k]:
-            lines.append(f"\t {img_names[i]} {cap_names[j]} {s!r}")
+            lines.append(f"\t {printable(img_names[i])} {printable(cap_names[j])} {s!r}")  # names come from files
     return "\n".join(lines)
 
 

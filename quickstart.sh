@@ -9,7 +9,7 @@ cd "$(dirname "$0")"
 OUT=${OUT:-quickstart_out}
 PY=${PYTHON:-python3}
 IDS=${IDS:-1000}
-ITERS=${ITERS:-800}
+ITERS=${ITERS:-1500}
 export OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 step() { printf '\n==== %s\n' "$*"; }
 
@@ -29,15 +29,15 @@ $PY evaluation_labels.py --data "$DATA" --embedding_path "$OUT/embeddings" --top
 step "4/8 train the student ($ITERS iterations, CPU)"
 $PY main.py --data "$DATA" --embedding_path "$OUT/embeddings" --output_dir "$OUT/logs" --run_name quickstart \
   --resume auto --backbone res_tiny --text_backbone char_tiny --image_size 128x64 --feature_dim 256 \
-  --batch_size 64 --instances_per_id 4 --iters "$ITERS" --warmup 50 --lr 2e-3 --eval_every 200 --save_every 200 \
-  --log_every 50 --workers 2
+  --batch_size 64 --instances_per_id 4 --iters "$ITERS" --warmup 50 --lr 2e-3 --eval_every 500 --save_every 500 \
+  --log_every 100 --workers 2
 RUN="$OUT/logs/expModel-res_tiny-128x64-256/quickstart"
 
-step "5/8 the student's table on the held-out identities"
-$PY evaluation_model.py "$RUN/last.pt" --top_k 5
+step "5/8 the student's table on the held-out identities (+ det.png, retrieval.png, learning_curve.png)"
+$PY evaluation_model.py "$RUN/best.pt" --top_k 5 --plots "$OUT/plots"
 
 step "6/8 export to ONNX"
-$PY export_model.py "$RUN/last.pt" "$OUT/export"
+$PY export_model.py "$RUN/best.pt" "$OUT/export"
 
 step "7/8 enrol a gallery of 40 unseen people"
 $PY tools/make_synthetic_pedes.py --out "$OUT/gallery" --ids 40 --images_per_id 2 --seed 1 --no_zh
@@ -54,7 +54,8 @@ cat <<EOF
 ==== done. Artifacts:
   data            $OUT/data  (and the gallery $OUT/gallery)
   teacher cache   $OUT/embeddings
-  run             $RUN  (last.pt, best.pt, args.json, train.log)
+  run             $RUN  (last.pt, best.pt = best validation R@1, args.json, train.log)
+  plots           $OUT/plots  (det.png, retrieval.png, learning_curve.png; also in TensorBoard)
   ONNX export     $OUT/export  (model_image.onnx, model_text.onnx, input_embeddings.pt.npy, model_info.json)
   collection      $OUT/collection/person_features.npy + person_metadata.json
 TensorBoard:  tensorboard --logdir $OUT/logs

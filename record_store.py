@@ -261,6 +261,8 @@ def _write_columns(path, image_root, root, folder, progress):
         raise StoreError(_json_error(path, image_root, e)) from None
     except UnicodeDecodeError as e:
         raise data.DatasetError(f"{path}: cannot read ({type(e).__name__}: {e})") from None
+    except RecursionError:  # e.g. [[[[...]]]] thousands deep: the decoder recurses per level (as data.load_records)
+        raise data.DatasetError(f"{path}: JSON nested too deeply to be a dataset") from None
     finally:
         bar.close()
         for c in cols.values():

@@ -21,6 +21,8 @@ import os
 import numpy as np
 import torch
 
+from cli import fail
+
 DEFAULT_TEACHER = "google/siglip2-so400m-patch16-512"
 SIGLIP_TEXT_LEN = 64  # SigLIP/SigLIP2 text towers were trained on 64 tokens, padded to that length
 # A vocabulary this large is a multilingual one (Gemma 256k, XLM-R / mT5 250k); English ones are <= ~50k.
@@ -307,13 +309,13 @@ def main():
     try:
         t = load_teacher(args.teacher, args.device, args.dtype, args.trust_remote_code)
     except TeacherLoadError as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(f"{e}")
     print(f"{t.name}: kind {t.kind}, dim {t.dim}, multilingual {t.multilingual}, "
           f"logit_scale {t.logit_scale}, logit_bias {t.logit_bias}")
     from data import load_image
     imgs = [load_image(p) for p in args.image]
     if any(i is None for i in imgs):
-        raise SystemExit(f"error: cannot load {args.image[[i is None for i in imgs].index(True)]}")
+        fail(f"cannot load {args.image[[i is None for i in imgs].index(True)]}")
     e_t = t.embed_texts(args.text) if args.text else np.zeros((0, t.dim), np.float32)
     e_i = t.embed_images(imgs) if imgs else np.zeros((0, t.dim), np.float32)
     if len(e_t) and len(e_i):

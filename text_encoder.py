@@ -41,8 +41,8 @@ def list_text_backbones():
 
 
 def create_text_encoder(name, out_dim, max_seq_length=128, vocab_size=DEFAULT_VOCAB_SIZE, embed_dim=256, **kw):
-    if name not in TEXT_BACKBONES:
-        raise ValueError(f"unknown text backbone {name!r}; registered: {', '.join(list_text_backbones())}")
+    if not isinstance(name, str) or name not in TEXT_BACKBONES:  # names come from checkpoints too
+        raise ValueError(f"unknown text backbone {name!r:.80}; registered: {', '.join(list_text_backbones())}")
     return TEXT_BACKBONES[name](out_dim=out_dim, max_seq_length=max_seq_length, vocab_size=vocab_size,
                                 embed_dim=embed_dim, **kw)
 

@@ -8,7 +8,7 @@ import math
 
 import torch.nn as nn
 
-from backbone import register_backbone
+from backbone import register_backbone, register_backbone_class
 from backbone.layers import conv_bn, fold_batchnorms, global_pool, init_weights, make_divisible
 
 # MobileNetV2 stages: (expansion t, channels c, repeats n, stride s) of the first block
@@ -28,6 +28,7 @@ class InvertedResidual(nn.Module):
         return x + self.conv(x) if self.residual else self.conv(x)
 
 
+@register_backbone_class
 class MobileNet(nn.Module):
     def __init__(self, width_mult=1.0, depth_mult=1.0, num_features=1280, stem_channels=32):
         super().__init__()
@@ -54,16 +55,16 @@ def _mobile(defaults, kwargs):
     return MobileNet(**{**defaults, **kwargs})
 
 
-@register_backbone("mobile_tiny")
+@register_backbone("mobile_tiny", arch=MobileNet)
 def mobile_tiny(**kw):
     return _mobile(dict(width_mult=0.5, depth_mult=0.67, num_features=512), kw)
 
 
-@register_backbone("mobile_small")
+@register_backbone("mobile_small", arch=MobileNet)
 def mobile_small(**kw):
     return _mobile(dict(width_mult=1.0, depth_mult=1.0, num_features=1024), kw)
 
 
-@register_backbone("mobile_base")
+@register_backbone("mobile_base", arch=MobileNet)
 def mobile_base(**kw):
     return _mobile(dict(width_mult=1.4, depth_mult=1.0, num_features=1280), kw)

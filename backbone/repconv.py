@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backbone import register_backbone
+from backbone import register_backbone, register_backbone_class
 from backbone.layers import conv_bn, conv_from, fuse_kernel_bn, global_pool, init_weights, make_divisible
 
 
@@ -57,6 +57,7 @@ class RepConv(nn.Module):
         self.conv_kxk = self.conv_1x1 = self.identity = None
 
 
+@register_backbone_class
 class RepConvNet(nn.Module):
     """Stem (/2) + 4 stages (each starts with stride 2, /32 in all) + 1x1 RepConv to num_features + GAP."""
 
@@ -88,13 +89,13 @@ class RepConvNet(nn.Module):
                 m.reparameterize()
 
 
-@register_backbone("repconv_tiny")
+@register_backbone("repconv_tiny", arch=RepConvNet)
 def repconv_tiny(**kw):
     return RepConvNet(**{**dict(widths=(32, 64, 128, 256), depths=(1, 2, 6, 2), stem_channels=16,
                                 num_features=512, depthwise=True), **kw})
 
 
-@register_backbone("repconv_small")
+@register_backbone("repconv_small", arch=RepConvNet)
 def repconv_small(**kw):
     return RepConvNet(**{**dict(widths=(48, 96, 192, 384), depths=(2, 3, 6, 1), stem_channels=32,
                                 num_features=1024, depthwise=False), **kw})

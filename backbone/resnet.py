@@ -12,7 +12,7 @@ Kwargs: widths, depths, stem_channels.
 """
 import torch.nn as nn
 
-from backbone import register_backbone
+from backbone import register_backbone, register_backbone_class
 from backbone.layers import conv_bn, fold_batchnorms, global_pool, init_weights
 
 
@@ -27,6 +27,7 @@ class BasicBlock(nn.Module):
         return self.act(self.conv(x) + self.shortcut(x))
 
 
+@register_backbone_class
 class ResNet(nn.Module):
     def __init__(self, widths=(32, 64, 128, 256), depths=(1, 1, 1, 1), stem_channels=None):
         super().__init__()
@@ -53,16 +54,16 @@ class ResNet(nn.Module):
         fold_batchnorms(self)  # -> Conv(bias) + ReLU + Add + MaxPool only
 
 
-@register_backbone("res_tiny")
+@register_backbone("res_tiny", arch=ResNet)
 def res_tiny(**kw):
     return ResNet(**{**dict(widths=(32, 64, 128, 256), depths=(1, 1, 1, 1)), **kw})
 
 
-@register_backbone("res_small")
+@register_backbone("res_small", arch=ResNet)
 def res_small(**kw):
     return ResNet(**{**dict(widths=(48, 96, 192, 384), depths=(1, 2, 2, 1)), **kw})
 
 
-@register_backbone("res_base")
+@register_backbone("res_base", arch=ResNet)
 def res_base(**kw):
     return ResNet(**{**dict(widths=(64, 128, 256, 512), depths=(2, 2, 2, 2)), **kw})

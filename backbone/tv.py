@@ -19,7 +19,13 @@ class TorchvisionBackbone(nn.Module):
         super().__init__()
         net = getattr(torchvision.models, arch)(weights=None)
         if weights_path:
-            sd = torch.load(weights_path, map_location="cpu", weights_only=True)
+            try:
+                sd = torch.load(weights_path, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - unpickling/zip/IO errors: one line for the user
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+                raise ValueError(f"{weights_path}: not a readable torch state_dict ({first})") from None
+            if not isinstance(sd, dict):
+                raise ValueError(f"{weights_path}: not a state_dict (a {type(sd).__name__})")
             missing, unexpected = net.load_state_dict(sd, strict=False)
             missing = [k for k in missing if not k.startswith(_HEADS)]
             if missing or unexpected:

@@ -1,7 +1,7 @@
 """Quality of the distilled student against its teacher, on held-out identities, in ONE command (README "Results").
 
-    python bench/quality.py                       # full: 1000 ids, 2000 iterations (what the README reports)
-    python bench/quality.py --quick               # ~10 min on 2 CPU cores: 1000 ids, 400 iterations
+    python bench/quality.py                       # full: 1000 ids, 5000 iterations (what the README reports)
+    python bench/quality.py --quick               # ~10 min on 2 CPU cores: 1000 ids, 800 iterations
     python bench/quality.py --smoke --out /tmp/q  # ~half a minute: tiny everything (tests/test_quality_bench.py)
     python bench/quality.py --ablation            # --quick size, one loss term off at a time -> ablation table
     python bench/quality.py --quick -- --compose_prob 0.5 --lr 3e-3    # extra main.py flags after --
@@ -43,13 +43,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 # ---------------------------------------------------------------------------------------------------------------
 # The recipe: main.py flags of the student (tune here). --iters comes from the size below.
 RECIPE = {
     "backbone": "res_tiny", "text_backbone": "char_tiny", "image_size": "128x64", "feature_dim": 256,
     "max_seq_length": 128, "batch_size": 64, "instances_per_id": 4, "lr": 2e-3, "warmup": 50,
-    "workers": 2, "log_every": 50, "eval_every": 0, "save_every": 100,  # bookkeeping, not quality
+    "workers": 2, "log_every": 100, "eval_every": 500, "save_every": 500,  # bookkeeping, not quality
 }
 BOOKKEEPING = ("workers", "log_every", "eval_every", "save_every")  # left out of the run's hash: reuse stays valid
 TEXT_ONLY = {"text_only": True, "d_pos_weight": 0}  # added to RECIPE for the text-only student
@@ -57,8 +58,8 @@ TEXT_ONLY = {"text_only": True, "d_pos_weight": 0}  # added to RECIPE for the te
 SMOKE_RECIPE = {"image_size": "64x32", "feature_dim": 32, "batch_size": 8, "warmup": 2, "workers": 0,
                 "log_every": 5, "vocab_size": 1024, "embed_dim": 64}
 SIZES = {  # ids, images per id, generated image height x width, training iterations
-    "full": dict(ids=1000, images_per_id=4, height=256, width=128, iters=2000),
-    "quick": dict(ids=1000, images_per_id=4, height=256, width=128, iters=400),  # same data and cache as full
+    "full": dict(ids=1000, images_per_id=4, height=256, width=128, iters=5000),
+    "quick": dict(ids=1000, images_per_id=4, height=256, width=128, iters=800),  # same data and cache as full
     "smoke": dict(ids=24, images_per_id=2, height=128, width=64, iters=6),
 }
 # --ablation: each entry switches one loss term (group) off; the baseline is RECIPE itself
@@ -68,6 +69,11 @@ ABLATIONS = {
     "fd": {"fd_weight": 0},
     "id (img, cap, img_cap)": {"id_img_weight": 0, "id_cap_weight": 0, "id_img_cap_weight": 0},
     "d_pos+s_neg": {"d_pos_weight": 0, "s_neg_weight": 0},
+    "attr (attribute-word loss)": {"attr_weight": 0},
+    # this recipe's additions, each undone alone
+    "stripe pooling (--stripes 0)": {"stripes": 0},
+    "query-style captions (--augment_prob 0)": {"augment_prob": 0},
+    "text bf16 + channels-last (--amp none --channels_last 0)": {"amp": "none", "channels_last": "0"},
     # the recipe's other choices, each undone alone
     "fd centring (--fd_center 0)": {"fd_center": 0},
     "P x K batches (--instances_per_id 1)": {"instances_per_id": 1},
@@ -81,18 +87,19 @@ TEACHERS = ("attributes", "hash")  # hash: the --smoke stand-in, see HashTeacher
 PARAPHRASE_SEED = "bench/quality/paraphrase/{seed}"  # training composes with "<seed>:<epoch>:<item>" seeds
 TEST_RATIO = 0.1
 QUERY_SETS = ("en", "new-en", "zh", "new-zh")
+QUERY_FORMS = ("keywords", "fragment", "fields", "reordered", "search", "keywords-zh", "search-zh")
 
 
 def get_args_parser(add_help=False):
     p = argparse.ArgumentParser("student vs teacher quality on held-out identities", add_help=add_help)
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="1000 ids, 400 iterations (~10 min on 2 CPU cores)")
+    mode.add_argument("--quick", action="store_true", help="1000 ids, 800 iterations (~10 min on 2 CPU cores)")
     mode.add_argument("--smoke", action="store_true", help="tiny sizes, seconds; checks the script runs end to end")
     p.add_argument("--ablation", action="store_true",
                    help="at the --quick size (or --smoke): the student with one loss term off at a time")
     p.add_argument("--out", default=str(ROOT / "logs" / "quality"), help="folder for data, cache, runs, quality.json")
     p.add_argument("--ids", type=int, default=None, help="identities to generate (default: by mode, 1000)")
-    p.add_argument("--iters", type=int, default=None, help="training iterations (default: by mode, full 2000)")
+    p.add_argument("--iters", type=int, default=None, help="training iterations (default: by mode, full 5000)")
     p.add_argument("--seed", type=int, default=0, help="generator seed and training seed")
     p.add_argument("--device", default="cpu", help="training and evaluation device (main.py --device)")
     p.add_argument("--teacher", choices=TEACHERS, default=None,
@@ -248,24 +255,35 @@ def train(args, out, data_json, emb_dir, recipe, iters, extra, tag, last=None):
 # evaluation (imports, no subprocess)
 
 def query_sets(records, idx, seed):
-    """{name: (texts, pids)} of the four paraphrase query sets over the held-out records.
-    new-en/new-zh: as many composed captions per record as it has English ones; two generators with the same
-    seed draw the same plans, so new-zh[k] is the Chinese rendering of new-en[k]."""
+    """{name: (texts, pids, named)} of the query sets over the held-out records; `named` is the set of attribute
+    fields each query names (for the attribute-match R@1).
+    en/zh: the dataset's captions. new-en/new-zh: as many composed captions per record as it has English ones;
+    two generators with the same seed draw the same plans, so new-zh[k] is the Chinese rendering of new-en[k].
+    The QUERY_FORMS rows: bench/query_forms.py (one query per held-out image), wordings no training code writes."""
     import captions
+    import query_forms
     rng_en = random.Random(PARAPHRASE_SEED.format(seed=seed))
     rng_zh = random.Random(PARAPHRASE_SEED.format(seed=seed))
-    sets = {k: ([], []) for k in QUERY_SETS}
+    sets = {k: ([], [], []) for k in QUERY_SETS}
     for r in idx:
         rec = records[r]
+        a = rec["attributes"]
         for name, texts in (("en", rec["captions"]), ("zh", rec["captions_zh"])):
             sets[name][0].extend(texts)
             sets[name][1].extend([rec["id"]] * len(texts))
-        if rec["attributes"]:
+            sets[name][2].extend(captions.mentioned_fields(a, c) if a else set() for c in rec["captions"])
+        if a:
             for _ in rec["captions"] or [None]:
-                sets["new-en"][0].append(captions.compose_caption(rec["attributes"], rng_en, "en"))
-                sets["new-zh"][0].append(captions.compose_caption(rec["attributes"], rng_zh, "zh"))
-                sets["new-en"][1].append(rec["id"])
-                sets["new-zh"][1].append(rec["id"])
+                en = captions.compose_caption(a, rng_en, "en")
+                sets["new-en"][0].append(en)
+                sets["new-zh"][0].append(captions.compose_caption(a, rng_zh, "zh"))
+                for k in ("new-en", "new-zh"):
+                    sets[k][1].append(rec["id"])
+                    sets[k][2].append(captions.mentioned_fields(a, en))
+    with_attrs = [r for r in idx if records[r]["attributes"]]
+    for form in QUERY_FORMS:
+        texts, named = query_forms.make_queries([records[r]["attributes"] for r in with_attrs], seed, form)
+        sets[form] = (texts, [records[r]["id"] for r in with_attrs], named)
     return sets
 
 
@@ -274,6 +292,42 @@ def r1(query_emb, query_pids, gallery_emb, gallery_pids):
     if len(query_pids) == 0:
         return None
     return metrics.retrieval(query_emb, query_pids, gallery_emb, gallery_pids, ks=(1,), normalize=True)["R@1"]
+
+
+def attr_r1(query_emb, query_pids, named, gallery_emb, gallery_pids, gallery_attrs):
+    """Attribute-match R@1 (%): the top image (ties: the lower gallery index) has every attribute the query
+    names (gender by kind, the other fields by value). For queries that name everything it is the identity R@1
+    plus the images of look-alike identities; for a fragment it is the only fair question."""
+    import numpy as np
+    import captions
+    if len(query_pids) == 0:
+        return None
+    q = np.asarray(query_emb, np.float32)
+    g = np.asarray(gallery_emb, np.float32)
+    q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+    g = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
+    top = np.argmax(q @ g.T, axis=1)
+    parsed = [captions.parse_attributes(a) for a in gallery_attrs]
+    by_pid = {int(p): parsed[i] for i, p in enumerate(gallery_pids)}
+    hits = 0
+    for k, t in enumerate(top):
+        want, got = by_pid[int(query_pids[k])], parsed[int(t)]
+        ok = all((captions.gender_kind(want[f]) == captions.gender_kind(got[f])) if f == "gender"
+                 else want[f] == got[f] for f in named[k])
+        hits += ok
+    return 100.0 * hits / len(top)
+
+
+def score_sets(sets, embed, gallery_emb, gallery_pids, gallery_attrs):
+    """{"paraphrase_r1": {set: identity R@1}, "attr_r1": {set: attribute-match R@1}} with embed(texts) -> [n, D]."""
+    import numpy as np
+    out = {"paraphrase_r1": {}, "attr_r1": {}}
+    for name, (texts, pids, named) in sets.items():
+        q = embed(texts)
+        pids = np.array(pids, np.int64)
+        out["paraphrase_r1"][name] = r1(q, pids, gallery_emb, gallery_pids)
+        out["attr_r1"][name] = attr_r1(q, pids, named, gallery_emb, gallery_pids, gallery_attrs)
+    return out
 
 
 def core_figures(res):
@@ -294,10 +348,14 @@ def eval_teacher(records, test_idx, cache, sets, teacher):
     out = core_figures(res)
     out.update(n_images=len(sel["img_rows"]), n_captions=len(sel["cap_rows"]),
                n_identities=len(set(sel["img_pids"].tolist())))
-    out["paraphrase_r1"], emb = {}, {}
-    for name, (texts, pids) in sets.items():
-        emb[name] = teacher.embed_texts(texts) if texts else np.zeros((0, img.shape[1]), np.float32)
-        out["paraphrase_r1"][name] = r1(emb[name], np.array(pids, np.int64), img, sel["img_pids"])
+    emb = {}
+
+    def embed(texts, _names=iter(sets)):
+        e = teacher.embed_texts(texts) if texts else np.zeros((0, img.shape[1]), np.float32)
+        emb[next(_names)] = e
+        return e
+    attrs = [records[r]["attributes"] for r in sel["img_rows"]]
+    out.update(score_sets(sets, embed, img, sel["img_pids"], attrs))
     return out, emb
 
 
@@ -315,6 +373,25 @@ def load_student(path, device):
     return model.to(device).eval(), ckpt["model_cfg"], int(ckpt["step"])
 
 
+def pick_best(last):
+    """best.pt (the checkpoint with the best R@1 on the run's validation identities) when the run kept one."""
+    best = Path(last).with_name("best.pt")
+    return best if best.exists() else Path(last)
+
+
+def write_plots(out, records, test_idx, cache, s_emb, ckpt):
+    """det.png (teacher and student on the same held-out pairs), retrieval.png (the student), learning_curve.png
+    (the student's validation R@1/EER from its train.log), also into the run's TensorBoard -> {name: path}."""
+    import torch
+    import plots
+    from evaluation_model import retrieval_rows, save_plots, teacher_det_curve
+    curves = {"teacher (attributes)": teacher_det_curve(cache, s_emb),
+              "student": plots.det_curve(s_emb["img_emb"], s_emb["cap_emb"], s_emb["cap_img_index"],
+                                         s_emb["img_pids"], s_emb["cap_pids"])}
+    return save_plots(out, curves, retrieval_rows(s_emb, records), Path(ckpt).parent,
+                      int(torch.load(ckpt, map_location="cpu", weights_only=True)["step"]))
+
+
 def eval_student(path, records, test_idx, sets, device):
     import numpy as np
     import data as data_lib
@@ -330,11 +407,9 @@ def eval_student(path, records, test_idx, sets, device):
                                       emb["cap_pids"], top_k=0)
     out = core_figures(res)
     out.update(checkpoint=str(path), step=step, n_images=len(idx), n_captions=len(emb["cap_texts"]))
-    out["paraphrase_r1"] = {}
-    for name, (texts, pids) in sets.items():
-        q = embed_texts(model, texts, cfg, device)
-        out["paraphrase_r1"][name] = r1(q, np.array(pids, np.int64), emb["img_emb"], emb["img_pids"])
-    return out
+    attrs = [records[r]["attributes"] for r in idx]
+    out.update(score_sets(sets, lambda t: embed_texts(model, t, cfg, device), emb["img_emb"], emb["img_pids"], attrs))
+    return out, emb
 
 
 def eval_text_only(path, records, test_idx, cache, sets, teacher_emb, teacher_multilingual, device):
@@ -365,11 +440,16 @@ def eval_text_only(path, records, test_idx, cache, sets, teacher_emb, teacher_mu
     targets = {"en": cap_all[emb["cap_rows"]], "new-en": teacher_emb["new-en"],
                "zh": cap_all[np.array([c[0] for c in zh_caps], np.int64)] if zh_caps else None,
                "new-zh": teacher_emb["new-zh"] if teacher_multilingual else teacher_emb["new-en"]}
-    out["paraphrase_r1"], out["mean_cos_to_teacher"] = {}, {}
-    for name, (texts, pids) in sets.items():
-        q = embed_texts(model, texts, cfg, device)
-        out["paraphrase_r1"][name] = r1(q, np.array(pids, np.int64), img, emb["img_pids"])
-        t = targets[name]
+    out["mean_cos_to_teacher"], qs = {}, {}
+
+    def embed(texts, _names=iter(sets)):
+        name = next(_names)
+        qs[name] = embed_texts(model, texts, cfg, device)
+        return qs[name]
+    attrs = [records[r]["attributes"] for r in idx]
+    out.update(score_sets(sets, embed, img, emb["img_pids"], attrs))
+    for name in QUERY_SETS:
+        t, q = targets[name], qs[name]
         ok = t is not None and len(q) and len(t) == len(q)
         out["mean_cos_to_teacher"][name] = float((unit(q) * unit(t)).sum(1).mean()) if ok else None
     return out
@@ -401,9 +481,15 @@ def quality_table(res, teacher_ml):
         tv = fmt(t["paraphrase_r1"][name]) + (star if name in ("zh", "new-zh") else "")
         rows.append((f"paraphrase R@1 (%): {label}", tv, fmt(s["paraphrase_r1"][name]),
                      fmt(x["paraphrase_r1"][name])))
+    for name in QUERY_FORMS:
+        rows.append((f"query form R@1 (%): {name}", fmt(t["paraphrase_r1"][name]) + (star if "zh" in name else ""),
+                     fmt(s["paraphrase_r1"][name]), fmt(x["paraphrase_r1"][name])))
+    for name in QUERY_SETS + QUERY_FORMS:
+        rows.append((f"attribute-match R@1 (%): {name}", fmt(t["attr_r1"][name]) + (star if "zh" in name else ""),
+                     fmt(s["attr_r1"][name]), fmt(x["attr_r1"][name])))
     for name in QUERY_SETS:
         rows.append((f"text-only: mean cos to teacher {name}", "-", "-", fmt(x["mean_cos_to_teacher"][name], False)))
-    print_table(["teacher", "student", "text-only"], rows)
+    print_table(["teacher", "student", "text-only"], rows, first=44)
 
 
 def print_notes(res, teacher_ml):
@@ -424,6 +510,10 @@ def print_notes(res, teacher_ml):
     print("new-en/new-zh: captions.compose_caption(attributes, random.Random(" +
           repr(PARAPHRASE_SEED.format(seed=res["config"]["seed"])) + "), lang), a generator training never uses; "
           "new-zh[k] renders the same plan as new-en[k].")
+    print("query forms: bench/query_forms.py (keyword lists, 2-3 field fragments, labelled fields, feet-first "
+          "sentences, search requests, Chinese keywords and requests), one per held-out image; no training code "
+          "imports it. attribute-match R@1: the top image has every attribute the query names (a fragment fits "
+          "several people, so identity R@1 under-counts it).")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -487,12 +577,15 @@ def main(args, extra):
     times["teacher eval"] = time.time() - t0
 
     ckpt, times["student train"] = train(args, out, data_json, emb_dir, recipe, size["iters"], extra, "student")
+    ckpt = pick_best(ckpt)
     t0 = time.time()
-    s_res = eval_student(ckpt, records, test_idx, sets, args.device)
+    s_res, s_emb = eval_student(ckpt, records, test_idx, sets, args.device)
     times["student eval"] = time.time() - t0
+    s_res["plots"] = write_plots(out / "plots", records, test_idx, cache, s_emb, ckpt)
 
     ckpt_t, times["text-only train"] = train(args, out, data_json, emb_dir, recipe, size["iters"], extra,
                                              "text_only", last=TEXT_ONLY)
+    ckpt_t = pick_best(ckpt_t)
     t0 = time.time()
     x_res = eval_text_only(ckpt_t, records, test_idx, cache, sets, t_emb, teacher.multilingual, args.device)
     times["text-only eval"] = time.time() - t0
@@ -522,7 +615,7 @@ def run_ablation(args, out, data_json, emb_dir, records, test_idx, sets, recipe,
                            last=off)
         times[f"train {name}"] = secs
         t0 = time.time()
-        r = eval_student(ckpt, records, test_idx, sets, args.device)
+        r, _ = eval_student(ckpt, records, test_idx, sets, args.device)
         times[f"eval {name}"] = time.time() - t0
         figs[name] = {"off": off, **r}
         rows.append((name, fmt(r["eer"]), fmt(r["r1"]), fmt(r["paraphrase_r1"]["new-en"]),

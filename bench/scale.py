@@ -193,9 +193,9 @@ def stage(name, d, args):
         records = record_store.ensure(a.data, progress=False)
         cache = EmbeddingCache.open(a.embedding_path, a.data)
         row("open store", f"sha256 of the JSON, mapping the store and the cache: {len(records)} records")
-        ds, sampler, train_idx, test_idx = M.build_data(a, records, cache)
+        ds, sampler, train_idx, val_idx, _ = M.build_data(a, records, cache)
         row("Dataset", f"main.build_data: splits, stored image verdict, {len(ds)} train items, "
-                       f"{len(test_idx)} test, P x K groups")
+                       f"{len(val_idx)} val, P x K groups")
         sampler.set_epoch(0)
         it = iter(sampler)
         next(it)

@@ -1,10 +1,11 @@
 """Speed of the student against the SigLIP so400m teacher, search, evaluation and training, in ONE run on ONE machine.
 
-    python bench/speed.py                              # full run, ~24 min on 2 busy cores (README "Results")
-    python bench/speed.py 2>&1 | tee bench/results_speed.txt
+    python bench/speed.py                              # everything, ~30 min on 2 busy cores
+    python bench/speed.py --sections image,text --big 8 2>&1 | tee bench/results_speed.txt   # README table, < 10 min
     python bench/speed.py --quick                      # < 5 min: teacher at batch 1 and 4, galleries 10k and 100k
     python bench/speed.py --smoke                      # seconds: tiny teacher/student/galleries (tests/test_bench.py)
     python bench/speed.py --threads 4 --backbone mobile_base --text_backbone char_base --feature_dim 256
+    python bench/speed.py --families none --text_families none --no_int8   # only the recipe, fp32
     python bench/speed.py --checkpoint logs/expModel-mobile_small-224x112-512/1/last.pt   # or an export folder
     python bench/speed.py --sections image,text        # only some of: image,text,search,eval,train
 
@@ -17,6 +18,15 @@ teacher run, then a share of the student's runs, round after round), so a neighb
 hits both sides of a ratio. OMP_WAIT_POLICY is set to PASSIVE (see --omp_wait_policy): with libgomp's default
 spinning, 2-thread PyTorch ran up to 13x slower on this busy 2-core machine, which would inflate the teacher's
 time (ONNX Runtime's pools in search/ never spin).
+
+Students: the shipped recipe (res_tiny / char_tiny at 128x64, D 256: quickstart.sh and bench/quality.py's RECIPE),
+the same recipe exported with --static_shapes --batch 1 --text_length 64 (what an NPU gets), and the other families
+of the README's model table (--families image backbones, --text_families text encoders, all at --image_size), each
+as exported fp32 ONNX and as int8 (export_model.to_int8, the quantiser of export_model.py --int8: QDQ, per-channel
+weights, static activation ranges, here calibrated on synthetic images and the bench's captions; random weights, so
+no parity gate: speed only). All of them run interleaved with the same so400m runs, so their ratios come from one
+run. Targets (headline): image >= 1000x and text >= 300x faster than so400m at batch 1 (text at L=64), and the
+recipe's int8 text model + character table <= 8 MiB.
 
 1. Image encoders. The student's model_image.onnx on ONNX Runtime (what search/ runs; exported by export_model.py
    from a randomly initialised student of the given sizes, or from --checkpoint; speed does not depend on the
@@ -32,14 +42,9 @@ time (ONNX Runtime's pools in search/ never spin).
    max_position_embeddings=64, vocab_size=256000 (SigLIP2's Gemma vocabulary), projection_size=1152)) on token
    ids at L=64 (SigLIP pads every text to 64). The student also runs at L=64 here (captions >= 63 characters);
    the teacher's tokenizer time is NOT counted (there is none offline), which favours the teacher.
-3. Search. Query latency = student text encode of a typical short query + top-10 search, over galleries of 10k,
-   100k and 1M D-dim unit vectors, through search/index.py (exact IndexFlatIP, HNSW, IVF), with build time and
-   recall@10 against exact search over 100 queries. Gallery: --gallery structured (default) = person-like
-   embeddings: N/4 identities x 4 images on a 64-dim manifold, normalize(A (z_id + 0.5 z_img) + 30% isotropic
-   noise), queries = fresh views of random identities. Uniform random unit vectors in 512-D have no structure at
-   all (every point nearly equidistant): the worst case of any approximate index; a 10k uniform gallery is always
-   shown for contrast (--gallery uniform uses it for every size). HNSW at 1M is built only when its build time,
-   extrapolated from 100k (x12, N log N), stays under 5 min; otherwise IVF serves 1M (said in the output).
+3. Search: bench/search_speed.py on this student (its docstring): galleries tiled from the student's embeddings of
+   rendered synthetic people, every search/index.py option (flat, ivf, ivf_fp16, ivf_sq8, hnsw, auto) with
+   recall@10 against exact, p50/p90 query latency, build and tuning time and index RAM.
 4. Evaluation. metrics.verification and metrics.retrieval (text->image) on 1,000 images x 25,000 captions
    (25M pairs, D = feature_dim; bench/eval_speed.py's identity-structured float16 embeddings).
 5. Training. Steps/s of main.py's training step (main.Distiller: student + losses.build_criterion with main.py's
@@ -49,7 +54,8 @@ time (ONNX Runtime's pools in search/ never spin).
    item and through a DataLoader with --workers workers (measured alone; in training the workers share the cores
    with the step, which is why the loader's CPU share of a step is printed too).
 
---smoke replaces every size with a tiny one (tiny SigLIP configs, mobile_tiny/char_tiny at 64x32, galleries of
+--smoke replaces every size with a tiny one (tiny SigLIP configs, res_tiny/char_tiny (+ mobile_tiny / char_small) at
+64x32, galleries of
 1k/5k, 50x500 evaluation, batch 8): its numbers mean nothing; it checks that the script runs end to end.
 """
 import argparse
@@ -79,7 +85,7 @@ SMOKE_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, n
 SMOKE_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                   max_position_embeddings=64, vocab_size=1000, projection_size=32, pad_token_id=1, bos_token_id=2,
                   eos_token_id=3)
-IMAGE_TARGET, TEXT_TARGET = 1000, 150
+IMAGE_TARGET, TEXT_TARGET, TEXT_MIB_TARGET = 1000, 300, 8.0
 
 # Captions of >= 63 characters: the student then runs at L = 64 (CLS + 63), like SigLIP's padded 64 tokens.
 LONG_CAPTIONS = [
@@ -107,17 +113,22 @@ def get_args_parser(add_help=False):
     g.add_argument("--smoke", action="store_true", help="tiny everything, seconds (for tests; numbers mean nothing)")
     p.add_argument("--threads", type=int, default=2,
                    help="torch threads = ONNX Runtime intra_op_num_threads = faiss OpenMP threads")
-    p.add_argument("--backbone", default="mobile_small", help="student image backbone (backbone.list_backbones()); the README table is for mobile_small")
-    p.add_argument("--text_backbone", default="char_small",
-                   help="student text encoder: char_tiny, char_small, char_base")
-    p.add_argument("--feature_dim", type=int, default=512, help="student embedding size (= gallery/eval D)")
-    p.add_argument("--image_size", type=parse_image_size, default=(224, 112), help="student input HxW")
+    p.add_argument("--backbone", default="res_tiny",
+                   help="student image backbone (backbone.list_backbones()); default: the shipped recipe's")
+    p.add_argument("--text_backbone", default="char_tiny",
+                   help="student text encoder: char_tiny (the recipe's), char_small, char_base")
+    p.add_argument("--feature_dim", type=int, default=256, help="student embedding size (= gallery/eval D)")
+    p.add_argument("--image_size", type=parse_image_size, default=(128, 64), help="student input HxW (every family)")
+    p.add_argument("--families", default="res_small,mobile_tiny,mobile_small,repconv_tiny,tv_mobilenet_v3_small",
+                   help="other image backbones timed in the same run (comma list, or 'none')")
+    p.add_argument("--text_families", default="char_small,char_base",
+                   help="other text encoders timed in the same run (comma list, or 'none')")
+    p.add_argument("--no_int8", action="store_true",
+                   help="skip the int8 graphs (export_model.to_int8, calibrated on synthetic inputs: speed only)")
+    p.add_argument("--big", type=int, default=None, help="the large batch of sections 1-2 (default: 32, --quick 4)")
     p.add_argument("--checkpoint", default=None,
                    help="a main.py checkpoint (.pt, exported into a temp dir) or an export_model.py folder "
                         "(model_info.json); replaces the random student and its size flags")
-    p.add_argument("--gallery", choices=["structured", "uniform"], default="structured",
-                   help="search galleries: person-like clustered embeddings, or uniform random unit vectors "
-                        "(the worst case for HNSW/IVF)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers for the loader check")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of: {','.join(SECTIONS)}")
     p.add_argument("--omp_wait_policy", choices=["passive", "active", "inherit"], default="passive",
@@ -239,8 +250,9 @@ def onnx_params(path):
 
 
 # ------------------------------------------------------------------------------------------------ student
-def prepare_student(args, tmp):
-    """-> (export info dict via search.engine.load_export, torch model or None, description)."""
+def prepare_student(args, tmp, backbone=None, text_backbone=None, name="student", export_flags=()):
+    """-> (export info dict via search.engine.load_export, torch model or None, description). Default: --checkpoint,
+    or a random student of the size flags; backbone/text_backbone: a random student of that family instead."""
     import torch
     import export_model
     from checkpoint import save_checkpoint
@@ -248,7 +260,7 @@ def prepare_student(args, tmp):
     from search.engine import ExportError, load_export
 
     model, ckpt = None, None
-    src = args.checkpoint
+    src = None if backbone else args.checkpoint
     if src and Path(src).is_dir():
         try:
             info = load_export(src)
@@ -265,7 +277,8 @@ def prepare_student(args, tmp):
         torch.manual_seed(args.seed)
         teacher_dim = (SMOKE_TEXT if args.smoke else TEACHER_TEXT)["projection_size"]
         # max_seq_length 64: the text table compares both towers at L=64 (SigLIP pads every text to 64 tokens)
-        cfg = default_model_cfg(dict(backbone=args.backbone, text_backbone=args.text_backbone,
+        cfg = default_model_cfg(dict(backbone=backbone or args.backbone,
+                                     text_backbone=text_backbone or args.text_backbone,
                                      feature_dim=args.feature_dim, image_size=list(args.image_size),
                                      max_seq_length=64),
                                 teacher_dim=teacher_dim, teacher_name=SO400M)
@@ -273,19 +286,89 @@ def prepare_student(args, tmp):
             model = build_model(cfg).eval()
         except ValueError as e:
             raise SystemExit(f"error: {e}")
-        ckpt = os.path.join(tmp, "random_student.pt")
+        ckpt = os.path.join(tmp, f"{name}.pt")
         save_checkpoint(ckpt, {"model": model.state_dict(), "model_cfg": cfg, "args": {}, "step": 0})
         desc = "randomly initialised student (speed does not depend on the weights)"
-    out = os.path.join(tmp, "export")
-    eargs = export_model.get_args_parser().parse_args([ckpt, out])
+    out = os.path.join(tmp, f"export_{name}")
+    eargs = export_model.get_args_parser().parse_args([ckpt, out, *export_flags])
     t0 = time.perf_counter()
     try:
         with quiet(), torch.no_grad():
             export_model.export(eargs)
     except export_model.ExportFailure as e:
         raise SystemExit(f"error: student export failed: {e}")
-    print(f"student: {desc}; exported with export_model.export in {time.perf_counter() - t0:.1f}s")
+    print(f"{name}: {desc}; exported with export_model.export in {time.perf_counter() - t0:.1f}s", flush=True)
     return load_export(out), model.eval(), desc
+
+
+def make_int8(info, out_dir):
+    """int8 copies of an export's graphs and table for timing: export_model.to_int8 (the --int8 quantiser: QDQ,
+    per-channel weights, static activation ranges) calibrated on synthetic person images and the bench's captions
+    and queries; export_model.py --int8 gates real models on held-out parity, random weights have none to keep.
+    Written into out_dir (never into a --checkpoint export folder, whose own int8 files passed their parity check).
+    -> info dict pointing at the int8 files (search.engine encoders take it as it is)."""
+    import numpy as np
+    import onnx
+    import export_model
+    from search import charmap
+    from search.engine import preprocess
+
+    out = dict(info)
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    st = info.get("static_shapes")
+    bs, L = (st["batch"], st["text_length"]) if st else (8, info["max_seq_length"])
+    if info.get("_image_model"):
+        ims = [preprocess(im, None, info["image_size"], info["mean"], info["std"])
+               for _, im in export_model.synthetic_images(32, seed=1)]
+        feeds = [f for f, _ in export_model.batches({"image": np.stack(ims)}, bs, bool(st))]
+        p = d / "model_image.int8.onnx"
+        with quiet():
+            p.write_bytes(export_model.to_int8(onnx.load(info["_image_model"]), feeds))
+        out["_image_model"] = str(p)
+    table = charmap.load_table(info["_input_embeddings"])
+    texts = LONG_CAPTIONS + QUERIES + [c[:n] for c in LONG_CAPTIONS for n in (0, 8, 24)]
+    arrays = export_model.text_arrays(texts, table, L, info["vocab_size"])
+    p = d / "model_text.int8.onnx"
+    with quiet():
+        p.write_bytes(export_model.to_int8(onnx.load(info["_text_model"]),
+                                           [f for f, _ in export_model.batches(arrays, bs, bool(st))]))
+    out["_text_model"] = str(p)
+    t = d / charmap.TABLE_FILES["int8"]
+    t.write_bytes(charmap.table_bytes(table, "int8"))
+    out["_input_embeddings"] = str(t)
+    return out
+
+
+def prepare_students(args, tmp):
+    """The primary student (the recipe, or --checkpoint) and the other families, each exported, with int8 copies.
+    -> list of dict(name, info, int8 (info or None), model (torch, primary only), image (time it), text (time it))."""
+    def fam(flag):
+        return [] if flag.strip().lower() in ("", "none") else [f.strip() for f in flag.split(",") if f.strip()]
+
+    info, model, _ = prepare_student(args, tmp)
+    students = [dict(name="primary", info=info, model=model, image=bool(info.get("_image_model")), text=True, tag="")]
+    if not args.checkpoint:  # the recipe as an NPU gets it: export_model.py --static_shapes --batch 1 --text_length 64
+        inf, _, _ = prepare_student(args, tmp, backbone=args.backbone, text_backbone=args.text_backbone,
+                                    name="static", export_flags=("--static_shapes", "--batch", "1", "--text_length",
+                                                                 "64"))
+        students.append(dict(name="static", info=inf, model=None, image=bool(inf.get("_image_model")), text=True,
+                             tag=" (static shapes)"))
+    img_f, txt_f = fam(args.families), fam(args.text_families)
+    for i in range(max(len(img_f), len(txt_f))):  # one export per pair: family i's image and text tower
+        b = img_f[i] if i < len(img_f) else args.backbone
+        t = txt_f[i] if i < len(txt_f) else args.text_backbone
+        inf, _, _ = prepare_student(args, tmp, backbone=b, text_backbone=t, name=f"family{i}")
+        students.append(dict(name=f"family{i}", info=inf, model=None, image=i < len(img_f), text=i < len(txt_f),
+                             tag=""))
+    for st in students:
+        st["int8"] = None
+        if not args.no_int8:
+            t0 = time.perf_counter()
+            st["int8"] = make_int8(st["info"], os.path.join(tmp, f"int8_{st['name']}"))
+            print(f"{st['name']} ({st['info'].get('backbone')} / {st['info'].get('text_backbone')}): int8 graphs "
+                  f"calibrated and written in {time.perf_counter() - t0:.1f}s", flush=True)
+    return students
 
 
 # ------------------------------------------------------------------------------------------------ teacher
@@ -363,7 +446,13 @@ def encoder_table(rows, big):
                  f"runs b1 / b{big} (warm-up+timed)", f"spread b1 / b{big}"], rows)
 
 
-def bench_image(args, plan, info, smodel, teacher_label):
+def speedup_table(title, rows):
+    print(title)
+    print_table(["student (ONNX Runtime)", "file MiB fp32 / int8", "b1 ms fp32 / int8",
+                 "speed-up fp32 / int8 (b1)", "target"], rows)
+
+
+def bench_image(args, plan, students, teacher_label):
     import numpy as np
     import torch
     from search.engine import ImageEncoder
@@ -382,26 +471,33 @@ def bench_image(args, plan, info, smodel, teacher_label):
     g = torch.Generator().manual_seed(args.seed)
     x1, xb = torch.randn(1, 3, side, side, generator=g), torch.randn(big, 3, side, side, generator=g)
 
-    has_image = bool(info.get("_image_model"))
+    timed_students = [st for st in students if st["image"]]
     s_fns = {1: [], big: []}
-    labels = []
-    if has_image:
+    labels, keys = [], []  # keys: (student index, "fp32"|"int8"|"torch")
+    rng = np.random.default_rng(args.seed)
+    for si, st in enumerate(timed_students):
+        info = st["info"]
         H, W = info["image_size"]
-        enc = ImageEncoder(info, threads=args.threads)
-        rng = np.random.default_rng(args.seed)
         a = {1: rng.standard_normal((1, 3, H, W), dtype=np.float32),
              big: rng.standard_normal((big, 3, H, W), dtype=np.float32)}
-        for b in (1, big):
-            s_fns[b].append(lambda x=a[b]: enc.encode_arrays(x))
-        sp = onnx_params(info["_image_model"])
-        labels.append((f"student {info.get('backbone')} {H}x{W} (ONNX Runtime)", fmt_params(sp), mib(4 * sp),
-                       mib(os.path.getsize(info["_image_model"]))))
-        if smodel is not None:
+        for kind, inf in (("fp32", info), ("int8", st["int8"])):
+            if inf is None:
+                continue
+            enc = ImageEncoder(inf, threads=args.threads)
+            for b in (1, big):
+                s_fns[b].append(lambda x=a[b], e=enc: e.encode_arrays(x))
+            sp = onnx_params(inf["_image_model"])
+            labels.append((f"student {info.get('backbone')} {H}x{W}{st['tag']} (ONNX Runtime {kind})", fmt_params(sp),
+                           mib(4 * sp), mib(os.path.getsize(inf["_image_model"]))))
+            keys.append((si, kind))
+        if st["model"] is not None:
+            smodel = st["model"]
             for b in (1, big):
                 s_fns[b].append(lambda x=torch.from_numpy(a[b]): smodel.encode_image(x))
             pp = sum(p.numel() for n, p in smodel.named_parameters() if not n.startswith("text_encoder."))
             labels.append((f"student {info.get('backbone')} (PyTorch eval, unfolded, reference)", fmt_params(pp),
                            mib(4 * pp), "-"))
+            keys.append((si, "torch"))
     with torch.inference_mode():
         t1, s1 = interleaved(lambda: teacher(pixel_values=x1).pooler_output, tw1, tr1, s_fns[1], sw1, sr1)
         print(f"  batch 1: teacher {fmt_ms(statistics.median(t1))} ms/item", flush=True)
@@ -411,26 +507,38 @@ def bench_image(args, plan, info, smodel, teacher_label):
     T1, TB = statistics.median(t1), statistics.median(tb) / big
     rows = [[f"SigLIP {teacher_label} vision (PyTorch fp32)", fmt_params(tp), mib(4 * tp), "-", fmt_ms(T1),
              fmt_ms(TB), f"{tw1}+{len(t1)} / {twb}+{len(tb)}", f"{spread(t1)} / {spread(tb)}"]]
-    if not has_image:
+    if not timed_students:
         print("student: text-only export (no model_image.onnx): no image comparison")
         encoder_table(rows, big)
         return None
-    meds = []
-    for lab, r1, rb in zip(labels, s1, sb):
-        meds.append((statistics.median(r1), statistics.median(rb) / big))
-        rows.append([*lab, fmt_ms(meds[-1][0]), fmt_ms(meds[-1][1]), f"{sw1}+{len(r1)} / {swb}+{len(rb)}",
+    meds = {}
+    for lab, key, r1, rb in zip(labels, keys, s1, sb):
+        meds[key] = (statistics.median(r1), statistics.median(rb) / big)
+        rows.append([*lab, fmt_ms(meds[key][0]), fmt_ms(meds[key][1]), f"{sw1}+{len(r1)} / {swb}+{len(rb)}",
                      f"{spread(r1)} / {spread(rb)}"])
-    rows.append(["speed-up SigLIP / student ONNX", "", "", "", fmt_x(T1 / meds[0][0]), fmt_x(TB / meds[0][1]),
-                 "", ""])
-    if len(meds) > 1:
-        rows.append(["speed-up SigLIP / student PyTorch (same runtime)", "", "", "", fmt_x(T1 / meds[1][0]),
-                     fmt_x(TB / meds[1][1]), "", ""])
-    rows.append(["size ratio (params)", fmt_x(tp / sp), "", "", "", "", "", ""])
+    rows.append(["speed-up SigLIP / student ONNX", "", "", "", fmt_x(T1 / meds[(0, "fp32")][0]),
+                 fmt_x(TB / meds[(0, "fp32")][1]), "", ""])
+    if (0, "torch") in meds:
+        rows.append(["speed-up SigLIP / student PyTorch (same runtime)", "", "", "", fmt_x(T1 / meds[(0, "torch")][0]),
+                     fmt_x(TB / meds[(0, "torch")][1]), "", ""])
+    rows.append(["size ratio (params)", fmt_x(tp / onnx_params(timed_students[0]["info"]["_image_model"])),
+                 "", "", "", "", "", ""])
     encoder_table(rows, big)
-    return T1 / meds[0][0]
+    out = {}
+    srows = []
+    for si, st in enumerate(timed_students):
+        f32, i8 = meds[(si, "fp32")][0], meds.get((si, "int8"), (None,))[0]
+        out[si] = (T1 / f32, T1 / i8 if i8 else None)
+        sz = [mib(os.path.getsize(x["_image_model"])) for x in (st["info"], st["int8"]) if x]
+        srows.append([f"{st['info'].get('backbone')} {'x'.join(map(str, st['info']['image_size']))}{st['tag']}"
+                      + (" (the recipe)" if si == 0 and not args.checkpoint else ""),
+                      " / ".join(sz), f"{fmt_ms(f32)} / {fmt_ms(i8)}", f"{fmt_x(out[si][0])} / {fmt_x(out[si][1])}",
+                      f">= {IMAGE_TARGET}x"])
+    speedup_table(f"image speed-up over SigLIP {teacher_label} at batch 1, every family in this run:", srows)
+    return out
 
 
-def bench_text(args, plan, info, smodel, teacher_label):
+def bench_text(args, plan, students, teacher_label):
     import torch
     from search.charmap import encode_batch, normalize_text
     from search.engine import TextEncoder
@@ -452,182 +560,105 @@ def bench_text(args, plan, info, smodel, teacher_label):
     ids = {1: torch.randint(0, tcfg["vocab_size"], (1, L), generator=g),
            big: torch.randint(0, tcfg["vocab_size"], (big, L), generator=g)}
 
-    enc = TextEncoder(info, threads=args.threads)
     caps = [LONG_CAPTIONS[i % len(LONG_CAPTIONS)] for i in range(big)]
-    sL = min(enc.max_seq_length, min(len(normalize_text(c)) for c in caps) + 1)
     avg_chars = sum(len(normalize_text(q)) for q in QUERIES) / len(QUERIES)
-    query_i = [0]
+    timed_students = [st for st in students if st["text"]]
+    s_fns = {1: [], big: []}
+    labels, keys, sizes = [], [], {}
+    for si, st in enumerate(timed_students):
+        for kind, inf in (("fp32", st["info"]), ("int8", st["int8"])):
+            if inf is None:
+                continue
+            enc = TextEncoder(inf, threads=args.threads)
+            sL = min(enc.max_seq_length, min(len(normalize_text(c)) for c in caps) + 1)
+            s_fns[1].append(lambda e=enc: e.encode(caps[:1]))
+            s_fns[big].append(lambda e=enc: e.encode(caps))
+            sp = onnx_params(inf["_text_model"]) + int(enc.table.size)
+            files = os.path.getsize(inf["_text_model"]) + os.path.getsize(inf["_input_embeddings"])
+            sizes[(si, kind)] = files
+            labels.append((f"student {inf.get('text_backbone')}{st['tag']} (charmap + lookup + ONNX Runtime {kind}), "
+                           f"L={sL}",
+                           fmt_params(sp), mib(4 * sp), mib(files)))
+            keys.append((si, kind))
+            if si == 0:
+                query_i = [0]
 
-    def one_query():  # what a search query costs: a short text, run on only the characters it has (dynamic L)
-        enc.encode([QUERIES[query_i[0] % len(QUERIES)]])
-        query_i[0] += 1
-
-    s_fns = {1: [lambda: enc.encode(caps[:1]), one_query], big: [lambda: enc.encode(caps)]}
-    sp = onnx_params(info["_text_model"]) + int(enc.table.size)
-    files = os.path.getsize(info["_text_model"]) + os.path.getsize(info["_input_embeddings"])
-    labels = [(f"student {info.get('text_backbone')} (charmap + lookup + ONNX Runtime), L={sL}", fmt_params(sp),
-               mib(4 * sp), mib(files)),
-              (f"student, typical search query ({len(QUERIES)} queries, avg {avg_chars:.0f} chars, dynamic L)",
-               "", "", "")]
-    if smodel is not None:
-        ml, V = smodel.cfg["max_seq_length"], smodel.cfg["vocab_size"]
-        for b, cs in ((1, caps[:1]), (big, caps)):
-            i_, m_ = (torch.from_numpy(a) for a in encode_batch(cs, ml, V))
-            s_fns[b].append(lambda i_=i_, m_=m_: smodel.encode_text(i_, m_))
-        pp = n_params(smodel.text_encoder)
-        labels.append((f"student {info.get('text_backbone')} (PyTorch eval, reference; charmap not timed)",
-                       fmt_params(pp), mib(4 * pp), "-"))
+                def one_query(e=enc, qi=query_i):  # a short text, run on only the characters it has (dynamic L)
+                    e.encode([QUERIES[qi[0] % len(QUERIES)]])
+                    qi[0] += 1
+                s_fns[1].append(one_query)
+                s_fns[big].append(None)
+                labels.append((f"student, typical search query ({len(QUERIES)} queries, avg {avg_chars:.0f} chars, "
+                               f"dynamic L, {kind})", "", "", ""))
+                keys.append((si, kind + "-query"))
+        if st["model"] is not None:
+            smodel = st["model"]
+            ml, V = smodel.cfg["max_seq_length"], smodel.cfg["vocab_size"]
+            for b, cs in ((1, caps[:1]), (big, caps)):
+                i_, m_ = (torch.from_numpy(a) for a in encode_batch(cs, ml, V))
+                s_fns[b].append(lambda i_=i_, m_=m_: smodel.encode_text(i_, m_))
+            labels.append((f"student {st['info'].get('text_backbone')} (PyTorch eval, reference; charmap not timed)",
+                           fmt_params(n_params(smodel.text_encoder)), mib(4 * n_params(smodel.text_encoder)), "-"))
+            keys.append((si, "torch"))
+    big_idx = [i for i, f in enumerate(s_fns[big]) if f is not None]
     with torch.inference_mode():
         t1, s1 = interleaved(lambda: teacher(input_ids=ids[1]).pooler_output, tw1, tr1, s_fns[1], sw1, sr1)
-        tb, sb = interleaved(lambda: teacher(input_ids=ids[big]).pooler_output, twb, trb, s_fns[big], swb, srb)
+        tb, sb_ = interleaved(lambda: teacher(input_ids=ids[big]).pooler_output, twb, trb,
+                              [s_fns[big][i] for i in big_idx], swb, srb)
     del teacher
-    sb.insert(1, None)  # the typical query has no batch-`big` figure
+    sb = [None] * len(s_fns[big])
+    for i, r in zip(big_idx, sb_):
+        sb[i] = r
     T1, TB = statistics.median(t1), statistics.median(tb) / big
     rows = [[f"SigLIP {teacher_label} text (PyTorch fp32), L={L}", fmt_params(tp), mib(4 * tp), "-", fmt_ms(T1),
              fmt_ms(TB), f"{tw1}+{len(t1)} / {twb}+{len(tb)}", f"{spread(t1)} / {spread(tb)}"]]
-    meds = []
-    for lab, r1, rb in zip(labels, s1, sb):
-        meds.append((statistics.median(r1), statistics.median(rb) / big if rb else None))
-        rows.append([*lab, fmt_ms(meds[-1][0]), fmt_ms(meds[-1][1]) if rb else "-",
+    meds = {}
+    for lab, key, r1, rb in zip(labels, keys, s1, sb):
+        meds[key] = (statistics.median(r1), statistics.median(rb) / big if rb else None)
+        rows.append([*lab, fmt_ms(meds[key][0]), fmt_ms(meds[key][1]) if rb else "-",
                      f"{sw1}+{len(r1)} / " + (f"{swb}+{len(rb)}" if rb else "-"),
                      f"{spread(r1)} / " + (spread(rb) if rb else "-")])
-    rows.append(["speed-up SigLIP / student ONNX", "", "", "", fmt_x(T1 / meds[0][0]), fmt_x(TB / meds[0][1]),
-                 "", ""])
-    rows.append([f"speed-up SigLIP (L={L}) / student typical query", "", "", "", fmt_x(T1 / meds[1][0]), "", "", ""])
-    if len(meds) > 2:
-        rows.append(["speed-up SigLIP / student PyTorch (same runtime)", "", "", "", fmt_x(T1 / meds[2][0]),
-                     fmt_x(TB / meds[2][1]), "", ""])
-    rows.append(["size ratio (params, incl. lookup tables)", fmt_x(tp / sp), "", "", "", "", "", ""])
-    rows.append(["size ratio (params, without lookup tables)", fmt_x((tp - emb_p) / (sp - enc.table.size)),
+    rows.append(["speed-up SigLIP / student ONNX", "", "", "", fmt_x(T1 / meds[(0, "fp32")][0]),
+                 fmt_x(TB / meds[(0, "fp32")][1]), "", ""])
+    rows.append([f"speed-up SigLIP (L={L}) / student typical query", "", "", "",
+                 fmt_x(T1 / meds[(0, "fp32-query")][0]), "", "", ""])
+    if (0, "torch") in meds:
+        rows.append(["speed-up SigLIP / student PyTorch (same runtime)", "", "", "", fmt_x(T1 / meds[(0, "torch")][0]),
+                     fmt_x(TB / meds[(0, "torch")][1]), "", ""])
+    enc0 = TextEncoder(timed_students[0]["info"], threads=1)
+    sp0 = onnx_params(timed_students[0]["info"]["_text_model"]) + int(enc0.table.size)
+    rows.append(["size ratio (params, incl. lookup tables)", fmt_x(tp / sp0), "", "", "", "", "", ""])
+    rows.append(["size ratio (params, without lookup tables)", fmt_x((tp - emb_p) / (sp0 - enc0.table.size)),
                  "", "", "", "", "", ""])
     encoder_table(rows, big)
-    return T1 / meds[0][0], T1 / meds[1][0], avg_chars
+    out, srows = {}, []
+    for si, st in enumerate(timed_students):
+        f32, i8 = meds[(si, "fp32")][0], meds.get((si, "int8"), (None,))[0]
+        out[si] = dict(fp32=T1 / f32, int8=T1 / i8 if i8 else None, mib_fp32=sizes[(si, "fp32")] / 2**20,
+                       mib_int8=sizes[(si, "int8")] / 2**20 if (si, "int8") in sizes else None)
+        if si == 0:
+            out[si]["query"] = T1 / meds[(0, "fp32-query")][0]
+            out[si]["avg_chars"] = avg_chars
+        srows.append([f"{st['info'].get('text_backbone')}{st['tag']}, L={L}"
+                      + (" (the recipe)" if si == 0 and not args.checkpoint else ""),
+                      " / ".join(mib(sizes[(si, k)]) for k in ("fp32", "int8") if (si, k) in sizes)
+                      + " (graph + table)", f"{fmt_ms(f32)} / {fmt_ms(i8)}",
+                      f"{fmt_x(out[si]['fp32'])} / {fmt_x(out[si]['int8'])}", f">= {TEXT_TARGET}x"])
+    speedup_table(f"text speed-up over SigLIP {teacher_label} at batch 1, L={L}, every family in this run:", srows)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ 3. search
-def make_gallery(kind, n, n_queries, d, seed, chunk=100_000):
-    """float32 unit vectors [n, d] and queries [n_queries, d]; see the module docstring for the two kinds."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    x = np.empty((n, d), np.float32)
-    if kind == "uniform":
-        for s in range(0, n, chunk):
-            x[s:s + chunk] = rng.standard_normal((min(chunk, n - s), d), dtype=np.float32)
-        q = rng.standard_normal((n_queries, d), dtype=np.float32)
-    else:
-        r = min(64, d)
-        a = rng.standard_normal((r, d), dtype=np.float32) / np.sqrt(r)
-        n_id = max(1, n // 4)
-        z = rng.standard_normal((n_id, r), dtype=np.float32)
-
-        def views(ids):
-            v = (z[ids] + 0.5 * rng.standard_normal((len(ids), r), dtype=np.float32)) @ a
-            noise = rng.standard_normal(v.shape, dtype=np.float32)
-            return v + 0.3 * np.linalg.norm(v, axis=1, keepdims=True) / np.sqrt(d) * noise
-
-        for s in range(0, n, chunk):
-            x[s:s + chunk] = views(np.arange(s, min(n, s + chunk)) % n_id)
-        q = views(rng.integers(0, n_id, n_queries))
-    for s in range(0, n, chunk):
-        x[s:s + chunk] /= np.linalg.norm(x[s:s + chunk], axis=1, keepdims=True)
-    q /= np.linalg.norm(q, axis=1, keepdims=True)
-    return x, q
-
-
 def bench_search(args, plan, info):
-    import numpy as np
-    from search.engine import TextEncoder
-    from search.index import build_index, default_nlist
+    """Section 3 is bench/search_speed.py (student-like galleries, every search/index.py option), run on this
+    student at this plan's gallery sizes."""
+    from bench import search_speed
 
-    d = int(info["feature_dim"])
-    enc = TextEncoder(info, threads=args.threads)
-    txt, _ = timed(lambda: [enc.encode([q]) for q in QUERIES], 2, 10)
-    txt /= len(QUERIES)
-    avg_chars = sum(len(q) for q in QUERIES) / len(QUERIES)
-    print(f"student text encode of one typical query ({len(QUERIES)} queries of {avg_chars:.0f} characters on "
-          f"average, en+zh, dynamic L): {fmt_ms(txt)} ms; search = top-10 for one query at a time, median over "
-          f"{plan['n_queries']} queries; recall@10 vs exact IndexFlatIP", flush=True)
-
-    def one(x, q, label, rows, kinds):
-        """flat, then every index kind in `kinds` on gallery x; rows get the results."""
-        t0 = time.perf_counter()
-        flat = build_index(x, "flat")
-        fb = time.perf_counter() - t0
-        _, gt = flat.search(q, 10)
-        fs = statistics.median(timed(lambda i=i: flat.search(q[i:i + 1], 10), 0, 1)[0] for i in range(len(q)))
-        rows.append([label, "flat (exact)", "-", f"{fb:.2f}", fmt_ms(fs), fmt_ms(txt + fs), "1.000"])
-        del flat
-        built = {}
-        for kind, kw, desc in kinds:
-            t0 = time.perf_counter()
-            ix = build_index(x, kind, **kw)
-            bt = time.perf_counter() - t0
-            ix.set_search_params()
-            per = []
-            got = []
-            for i in range(len(q)):
-                t = time.perf_counter()
-                _, r = ix.search(q[i:i + 1], 10)
-                per.append(time.perf_counter() - t)
-                got.append(r[0])
-            st = statistics.median(per)
-            rec = float(np.mean([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(got, gt)]))
-            p = ix.params
-            ptxt = desc + (f" ef={p['ef_search']}" if "ef_search" in p else f" nprobe={p['nprobe']}" if "nprobe" in p
-                           else "")
-            rows.append([label, kind, ptxt, f"{bt:.1f}", fmt_ms(st), fmt_ms(txt + st), f"{rec:.3f}"])
-            built[desc] = bt
-            print(f"  {label}: {kind} {ptxt}: build {bt:.1f}s, {fmt_ms(st)} ms/query, recall@10 {rec:.3f}",
-                  flush=True)
-            del ix
-        return built
-
-    def kinds_for(n, hnsw_builds):
-        out = []
-        for m, efc in plan["hnsw"]:
-            desc = f"M={m} efC={efc}"
-            if n > plan["hnsw_max_n"]:
-                continue
-            prev = hnsw_builds.get(desc)
-            if prev is not None and n >= 10 * prev[0]:
-                est = prev[1] * (n / prev[0]) * math.log(n) / math.log(prev[0])
-                if est > 300:
-                    notes.append(f"HNSW {desc} not built at {fmt_n(n)}: its build would take ~{est / 60:.0f} min "
-                                 f"(extrapolated from {fmt_n(prev[0])}: {prev[1]:.0f}s x N log N) > 5 min; "
-                                 f"IVF serves {fmt_n(n)} on this machine")
-                    continue
-            out.append(("hnsw", dict(hnsw_m=m, ef_construction=efc), desc))
-        if n <= plan["ivf_max_n"] or not out:
-            nl = min(default_nlist(n), 1024)
-            note = "" if nl == default_nlist(n) else f" (default {default_nlist(n)})"
-            out.append(("ivf", dict(nlist=nl), f"nlist={nl}{note}"))
-        return out
-
-    print("HNSW " + ", ".join(f"M={m} efConstruction={e}" for m, e in plan["hnsw"])
-          + " (search/index.py's default: M=32 efConstruction=200, efSearch 128); IVF nlist capped at 1024 "
-            "(k-means on nlist x 256 samples; the 4 sqrt(N) default costs minutes at 1M), nprobe nlist/8")
-    rows, notes, hnsw_builds = [], [], {}
-    for n in plan["galleries"]:
-        x, q = make_gallery(args.gallery, n, plan["n_queries"], d, args.seed)
-        built = one(x, q, f"{fmt_n(n)} {args.gallery}", rows, kinds_for(n, hnsw_builds))
-        for desc, bt in built.items():
-            if desc.startswith("M="):
-                hnsw_builds[desc] = (n, bt)
-        del x, q
-    if args.gallery == "structured":
-        n = plan["uniform_n"]
-        x, q = make_gallery("uniform", n, plan["n_queries"], d, args.seed)
-        one(x, q, f"{fmt_n(n)} uniform (worst case)", rows,
-            [("hnsw", dict(hnsw_m=m, ef_construction=efc), f"M={m} efC={efc}") for m, efc in plan["hnsw"][:1]]
-            + [("ivf", dict(nlist=min(default_nlist(n), 1024)), f"nlist={min(default_nlist(n), 1024)}")])
-        del x, q
-    print_table(["gallery (D=%d)" % d, "index", "parameters", "build s", "search ms", "query total ms", "recall@10"],
-                rows)
-    print(f"query total = student text encode ({fmt_ms(txt)} ms) + search; float32 features = "
-          f"{d * 4} bytes/row ({mib(d * 4 * max(plan['galleries']))} MiB at {fmt_n(max(plan['galleries']))})")
-    for s in notes:
-        print("note: " + s)
+    sargs = search_speed.get_args_parser(add_help=False).parse_args([])
+    sargs.sizes = ",".join(str(n) for n in plan["galleries"])
+    sargs.threads, sargs.seed, sargs.smoke = args.threads, args.seed, args.smoke
+    sargs.student_info = info if info.get("_image_model") else None  # a text-only export: search_speed's own
+    search_speed.main(sargs)
 
 
 # ------------------------------------------------------------------------------------------------ 4. eval
@@ -767,9 +798,15 @@ def main(args):
     if args.checkpoint and not os.path.exists(args.checkpoint):
         raise SystemExit(f"error: --checkpoint {args.checkpoint}: not found")
     if args.smoke:  # tiny everything; the size flags are ignored
-        args.backbone, args.text_backbone, args.feature_dim, args.image_size = "mobile_tiny", "char_tiny", 32, (64, 32)
+        args.backbone, args.text_backbone, args.feature_dim, args.image_size = "res_tiny", "char_tiny", 32, (64, 32)
         args.workers = min(args.workers, 1)
+    if args.smoke:  # one other family each way, so the multi-family path runs too
+        args.families, args.text_families = "mobile_tiny", "char_small"
     plan = make_plan(args)
+    if args.big is not None:
+        if args.big < 2:
+            raise SystemExit("error: --big must be >= 2")
+        plan["big"] = args.big
     if args.omp_wait_policy != "inherit":
         if "torch" in sys.modules or "faiss" in sys.modules:
             print("warning: --omp_wait_policy has no effect: torch/faiss were imported before bench/speed.py ran",
@@ -799,7 +836,11 @@ def main(args):
         print("SMOKE configuration: tiny teacher, student, galleries and batches; the numbers mean nothing")
 
     with tempfile.TemporaryDirectory(prefix="bench_speed_") as tmp:
-        info, smodel, _ = prepare_student(args, tmp)
+        students = prepare_students(args, tmp) if {"image", "text"} & set(sections) else None
+        if students:
+            info, smodel = students[0]["info"], students[0]["model"]
+        else:
+            info, smodel, _ = prepare_student(args, tmp)
         if smodel is not None:
             cfg = smodel.cfg
         else:  # an export folder: rebuild a same-sized model for the training step from model_info.json
@@ -814,10 +855,10 @@ def main(args):
         head = {}
         if "image" in sections:
             section(f"1. Image encoders: SigLIP {teacher_label} vision tower vs student (ms per image, median)")
-            head["image"] = bench_image(args, plan, info, smodel, teacher_label)
+            head["image"] = bench_image(args, plan, students, teacher_label)
         if "text" in sections:
             section(f"2. Text encoders: SigLIP {teacher_label} text tower vs student (ms per caption, median)")
-            head["text"] = bench_text(args, plan, info, smodel, teacher_label)
+            head["text"] = bench_text(args, plan, students, teacher_label)
         if "search" in sections:
             section("3. Search: query latency, index build, recall@10")
             bench_search(args, plan, info)
@@ -833,16 +874,25 @@ def main(args):
 
     section("Headline")
     vs = "so400m" if not args.smoke else "tiny SigLIP (smoke: not meaningful)"
-    for key, target in (("image", IMAGE_TARGET), ("text", TEXT_TARGET)):
-        if key not in head:
-            continue
-        r = head[key][0] if key == "text" else head[key]
-        verdict = "(text-only student)" if r is None else ("met" if r >= target else "NOT met")
-        extra = "" if key == "image" else " (L=64 on both sides)"
-        print(f"{key} encoder speed-up vs {vs} @ batch 1: {fmt_x(r)} (target >= {target}x) {verdict}{extra}")
-        if key == "text":
-            print(f"text encoder speed-up vs {vs} @ batch 1, typical {head[key][2]:.0f}-character query: "
-                  f"{fmt_x(head[key][1])} (the student runs only the characters there are; SigLIP always 64 tokens)")
+    who = "the recipe" if not args.checkpoint else "the checkpoint"
+    if head.get("image"):
+        r, r8 = head["image"][0]
+        print(f"image encoder speed-up vs {vs} @ batch 1: {fmt_x(r)} (target >= {IMAGE_TARGET}x) "
+              f"{'met' if r >= IMAGE_TARGET else 'NOT met'}")
+        if r8 is not None:
+            print(f"image encoder (int8) speed-up vs {vs} @ batch 1: {fmt_x(r8)} ({who}, int8 ONNX Runtime)")
+    elif "image" in head:
+        print(f"image encoder speed-up vs {vs} @ batch 1: n/a (text-only student)")
+    if head.get("text"):
+        t = head["text"][0]
+        print(f"text encoder speed-up vs {vs} @ batch 1: {fmt_x(t['fp32'])} (target >= {TEXT_TARGET}x) "
+              f"{'met' if t['fp32'] >= TEXT_TARGET else 'NOT met'} (L=64 on both sides)")
+        if t["int8"] is not None:
+            print(f"text encoder (int8) speed-up vs {vs} @ batch 1: {fmt_x(t['int8'])} (L=64 on both sides)")
+            print(f"text model + table, int8: {t['mib_int8']:.2f} MiB (target <= {TEXT_MIB_TARGET:.0f} MiB) "
+                  f"{'met' if t['mib_int8'] <= TEXT_MIB_TARGET else 'NOT met'}; fp32 {t['mib_fp32']:.2f} MiB")
+        print(f"text encoder speed-up vs {vs} @ batch 1, typical {t['avg_chars']:.0f}-character query: "
+              f"{fmt_x(t['query'])} (the student runs only the characters there are; SigLIP always 64 tokens)")
     print(f"total {time.perf_counter() - t_start:.0f}s; load average at the end {load_avg()}")
 
 

@@ -1,12 +1,15 @@
 r"""Text -> person search over an enrolled collection, from the command line (and the `Searcher` class).
 
     cd search
-    python api.py --image-root xm_images --image_feature collection/person_features_features.npy \
-        --image_metadata collection/person_features_metadata.json \
+    python api.py --image-root xm_images --image_feature collection/person_features.npy \
+        --image_metadata collection/person_metadata.json \
         --queries "a girl wearing red coat" "a man wearing a gray pants" --top-n 2 --model_dir ../export
     # from the repo root, a machine-readable answer:
-    python search/api.py --image-root xm_images --image_feature collection/person_features_features.npy \
+    python search/api.py --image-root xm_images --image_feature collection/person_features.npy \
         --text-model export/model_text.onnx --queries "穿红色外套的女孩" --top-n 5 --json
+    # a Milvus collection (Milvus Lite file or http://host:19530), one camera folder (search/backends.py)
+    python search/api.py --backend milvus --uri collection/gallery.db --collection frames --model_dir export \
+        --queries "a man in a red coat" --folder cam1
 
 Prints, per query (time = text encoding + index search):
     ----------
@@ -29,11 +32,13 @@ import json  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
 
-from search.collection import CollectionError, load_collection, metadata_for, prefix_from_features  # noqa: E402
+from search.backends import FaissStore, add_backend_args, open_store  # noqa: E402
+from search.charmap import printable  # noqa: E402
+from search.collection import CollectionError  # noqa: E402
 from search.engine import ExportError, TextEncoder  # noqa: E402
-from search.index import INDEX_TYPES, get_index  # noqa: E402
+from search.index import INDEX_TYPES  # noqa: E402
 
-DEFAULT_FEATURES = "collection/person_features_features.npy"
+DEFAULT_FEATURES = "collection/person_features.npy"  # enrolment's default prefix collection/person + _features.npy
 
 
 def get_data_args_parser(add_help=False):
@@ -46,12 +51,29 @@ def get_data_args_parser(add_help=False):
                    help="default: the partner of --image_feature (P_features.npy -> P_metadata.json)")
     p.add_argument("--index", default="auto", choices=INDEX_TYPES)
     p.add_argument("--ef_search", type=int, default=None, help="HNSW efSearch (default 128)")
-    p.add_argument("--nprobe", type=int, default=None, help="IVF lists probed (default nlist/8)")
+    p.add_argument("--nprobe", type=int, default=None, help="IVF lists probed (default: tuned at build time)")
+    p.add_argument("--recall_target", type=float, default=None,
+                   help="recall@10 the index's nprobe/efSearch is tuned to at build time (default 0.95)")
     p.add_argument("--no_save_index", action="store_true", help="do not write a (re)built index next to the features")
     p.add_argument("--threads", type=int, default=None, help="text model threads (default 1)")
     p.add_argument("--search_threads", type=int, default=None,
                    help="faiss threads per search (default 1; raise for multi-million-row flat galleries)")
+    add_backend_args(p)
     return p
+
+
+def data_args_problem(args):
+    """First problem with the shared search flags (None: fine); api.py and the web UIs refuse it in one line."""
+    for k in ("ef_search", "nprobe", "threads", "search_threads"):
+        v = getattr(args, k, None)
+        if v is not None and v < 1:
+            return f"--{k} must be >= 1, got {v}"
+    rt = getattr(args, "recall_target", None)
+    if rt is not None and not 0 < rt <= 1:  # also refuses nan
+        return f"--recall_target must be in (0, 1], got {rt}"
+    if getattr(args, "image_root", "") and not os.path.isdir(args.image_root):
+        return f"--image-root {args.image_root}: no such folder (the image paths would lead nowhere)"
+    return None
 
 
 def get_onnx_model_args_parser(add_help=False):
@@ -74,7 +96,7 @@ def get_args_parser(add_help=True):
 
 def display(text, limit=200):
     """A query as printed: control characters escaped (no terminal escape injection), long ones shortened."""
-    s = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+    s = printable(text)
     return s if len(s) <= limit else s[:limit] + f"... ({len(text)} characters)"
 
 
@@ -86,15 +108,19 @@ class Searcher:
             {"rank", "score", "row", "image", "path", "bbox", "source"}, ...]}
     """
 
-    def __init__(self, encoder, features_path, metadata_path=None, image_root="", index="auto", ef_search=None,
-                 nprobe=None, save_index=True, log=None, search_threads=None):
+    def __init__(self, encoder, features_path=None, metadata_path=None, image_root="", index="auto", ef_search=None,
+                 nprobe=None, save_index=True, log=None, search_threads=None, store=None, folder=None, expr=None):
         self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
         self.encoder = encoder
         self.image_root = image_root or ""
-        self.collection = load_collection(features_path, metadata_path or metadata_for(features_path))
-        c = self.collection
+        # the back end (search/backends.py): faiss files by default, or a given store (e.g. backends.MilvusStore)
+        self.store = store or FaissStore(features_path, metadata_path, index, ef_search, nprobe, save_index,
+                                         self.log, search_threads)
+        self.folder, self.expr = folder, expr
+        self.collection = c = getattr(self.store, "collection", self.store)
         if encoder.dim != c.dim:
-            raise CollectionError(f"the text model makes {encoder.dim}-dim embeddings but {features_path} holds "
+            where = getattr(c, "where", None) or features_path
+            raise CollectionError(f"the text model makes {encoder.dim}-dim embeddings but {where} holds "
                                   f"{c.dim}-dim features (enrolled with {c.model.get('kind', '?')} "
                                   f"{c.model.get('space') or c.model.get('teacher') or ''}); use the matching model")
         self.warnings = []
@@ -105,13 +131,15 @@ class Searcher:
                                  f"embeds into '{encoder.space}'; scores may be meaningless")
         for w in self.warnings:
             self.log(w)
-        self.index = get_index(c.features, prefix_from_features(features_path), index, save=save_index,
-                               ef_search=ef_search, nprobe=nprobe, log=self.log, search_threads=search_threads)
+        self.index = self.store.index
 
     def __len__(self):
-        return len(self.collection)
+        return len(self.store)
 
-    def search(self, query, top_n=10):
+    def has_image(self, rel):
+        return self.store.has_image(rel)
+
+    def search(self, query, top_n=10, folder=None):
         if not isinstance(query, str):
             raise TypeError("query must be a str")
         top_n = max(1, int(top_n))
@@ -126,11 +154,10 @@ class Searcher:
                 notes.append(f"query truncated to its first {kept} of {n} characters (the text model's "
                              f"max_seq_length is {kept + 1} tokens including [CLS])")
             q = self.encoder.encode([query])
-            scores, rows = self.index.search(q, top_n)
+            hits = self.store.search(q, top_n, folder if folder is not None else self.folder, self.expr)
             results = []
-            for rank, (s, r) in enumerate(zip(scores[0].tolist(), rows[0].tolist()), 1):
-                it = self.collection.items[r]
-                results.append({"rank": rank, "score": float(s), "row": int(r), "image": it["image"],
+            for rank, (s, r, it) in enumerate(hits, 1):
+                results.append({"rank": rank, "score": float(s), "row": r, "image": it["image"],
                                 "path": os.path.join(self.image_root, it["image"]) if self.image_root
                                 else it["image"], "bbox": it.get("bbox"), "source": it.get("source")})
         return {"query": query, "time_s": time.perf_counter() - t0, "notes": notes, "results": results}
@@ -145,7 +172,7 @@ def format_result(res):
     for r in res["results"]:
         b = r["bbox"]
         lines.append(f"{r['rank']}. Score: {r['score']:.4f}")
-        lines.append(f"   Image: {r['path']}")
+        lines.append(f"   Image: {display(r['path'], limit=1000)}")  # names come from files: no raw escapes
         lines.append(f"   BBox: {[int(round(v)) for v in b] if b is not None else 'None (whole image)'}")
     lines.append("")
     return "\n".join(lines)
@@ -165,19 +192,25 @@ def main(args):
         fail("pass at least one query: --queries \"a man in a red coat\" ...")
     if args.top_n < 1:
         fail(f"--top-n must be >= 1, got {args.top_n}")
+    if data_args_problem(args):
+        fail(data_args_problem(args))
     try:
         enc = TextEncoder(args.model_dir, args.text_model, threads=args.threads)
-        s = Searcher(enc, args.image_feature, args.image_metadata, args.image_root, args.index, args.ef_search,
-                     args.nprobe, save_index=not args.no_save_index, search_threads=args.search_threads)
+        store = open_store(args, log=lambda m: print(m, file=sys.stderr, flush=True))
+        s = Searcher(enc, args.image_feature, image_root=args.image_root, store=store, folder=args.folder,
+                     expr=args.filter)
     except (CollectionError, ExportError) as e:
         fail(e)
-    s.search("warm-up", 1)  # first ORT run allocates; keep it out of the reported times
-    results = [s.search(q, args.top_n) for q in args.queries]
+    try:  # a bad --filter expression is only found out by the engine, at the first search
+        s.search("warm-up", 1)  # first ORT run allocates; keep it out of the reported times
+        results = [s.search(q, args.top_n) for q in args.queries]
+    except CollectionError as e:
+        fail(e)
     if args.json:
         doc = {"collection": {"features": args.image_feature, "rows": len(s), "dim": s.collection.dim,
-                              "model": s.collection.model, "index": s.index.kind},
+                              "model": s.collection.model, "index": s.index.kind, "backend": s.store.backend},
                "text_model": enc.name, "warnings": s.warnings, "queries": results}
-        print(json.dumps(doc, ensure_ascii=False, indent=1))
+        print(json.dumps(doc, ensure_ascii=False, indent=1, allow_nan=False))
     else:
         for r in results:
             print(format_result(r))

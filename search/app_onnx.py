@@ -1,8 +1,8 @@
 r"""Web UI: search an enrolled gallery with the exported student text model (model_text.onnx), no torch.
 
     cd search
-    python app_onnx.py --image-root xm_images --image_feature collection/person_features_features.npy \
-        --image_metadata collection/person_features_metadata.json --port 5005 \
+    python app_onnx.py --image-root xm_images --image_feature collection/person_features.npy \
+        --image_metadata collection/person_metadata.json --port 5005 \
         --text-model ../logs/expModel-mobile_small-224x112-512/0/export/model_text.onnx
     # then open http://127.0.0.1:5005/  (JSON: /api/search?q=a+man+in+a+red+coat&top_n=10)
 

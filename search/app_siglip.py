@@ -1,7 +1,7 @@
 r"""Web UI with an HF teacher's text tower (SigLIP / SigLIP2 / mexma-siglip2) as the query encoder.
 
     python search/app_siglip.py --teacher google/siglip2-base-patch16-224 --image-root xm_images \
-        --image_feature collection/person_features_siglip2_features.npy --port 5005
+        --image_feature collection/person_siglip2_features.npy --port 5005
 
 For a gallery enrolled with search/enroll_by_siglip.py using the same teacher. Needs torch + transformers
 (teachers.py). Same routes and safety rules as app_onnx.py (search/webui.py).

@@ -23,10 +23,20 @@ Mapping "cp-hash-v1":
      tokens (so at most max_len - 1 characters), padded with PAD to exactly max_len; mask marks real tokens.
      An empty / whitespace-only text is just [CLS].
 
+The character table file (THE one definition of its format; export_model.py writes it through table_bytes,
+search/ reads it through load_table; model_info.json's "input_embeddings" names the file):
+  input_embeddings.pt.npy    float32 [V, E]  (every export; the only format before int8/fp16 tables existed)
+  input_embeddings.fp16.npy  float16 [V, E]  (--fp16 exports; half the size)
+  input_embeddings.int8.npz  "int8": int8 [V, E] and "scale": float32 [V]; row r = int8[r] * scale[r]
+                             (symmetric per row, scale = max|row| / 127; --int8 exports; a quarter of the size)
+  load_table() returns float32 [V, E] for any of them; a .npy of another dtype or an .npz without exactly these
+  arrays is refused.
+
 Usage (search side):
     ids, mask = encode_batch(["a man in a red coat", "穿红色外套的女人"], max_len=64)
-    x = lookup(np.load("input_embeddings.pt.npy"), ids)      # float32 [B, 64, 256] -> model_text.onnx
+    x = lookup(load_table("input_embeddings.pt.npy"), ids)   # float32 [B, 64, 256] -> model_text.onnx
 """
+import io
 import unicodedata
 
 import numpy as np
@@ -97,3 +107,61 @@ def encode_batch(texts, max_len: int = 64, vocab_size: int = DEFAULT_VOCAB_SIZE)
 def lookup(table: np.ndarray, ids: np.ndarray) -> np.ndarray:
     """Input-embedding lookup done outside the ONNX graph (NPU runtimes lack Gather): [V,E] x [B,L] -> [B,L,E]."""
     return np.take(np.asarray(table, dtype=np.float32), ids, axis=0)
+
+
+TABLE_FILES = {"fp32": "input_embeddings.pt.npy", "fp16": "input_embeddings.fp16.npy",
+               "int8": "input_embeddings.int8.npz"}
+
+
+def _int8_rows(table):
+    t = np.asarray(table, dtype=np.float32)
+    scale = np.abs(t).max(axis=1) / 127.0
+    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
+    return np.clip(np.rint(t / scale[:, None]), -127, 127).astype(np.int8), scale
+
+
+def stored_table(table, kind):
+    """What load_table returns after storing `table` as `kind` (fp32 | fp16 | int8): float32 [V, E]."""
+    if kind == "fp32":
+        return np.asarray(table, dtype=np.float32)
+    if kind == "fp16":
+        return np.asarray(table, dtype=np.float16).astype(np.float32)
+    q, scale = _int8_rows(table)
+    return q.astype(np.float32) * scale[:, None]
+
+
+def table_bytes(table, kind):
+    """The file contents of `table` [V, E] stored as kind (fp32 | fp16 | int8); name it TABLE_FILES[kind]."""
+    buf = io.BytesIO()
+    if kind == "int8":
+        q, scale = _int8_rows(table)
+        np.savez(buf, int8=q, scale=scale)
+    else:
+        np.save(buf, np.asarray(table, dtype={"fp32": np.float32, "fp16": np.float16}[kind]), allow_pickle=False)
+    return buf.getvalue()
+
+
+def load_table(path):
+    """Read a character table file of any TABLE_FILES format -> float32 [V, E]. ValueError/OSError if unusable."""
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except EOFError:  # an empty file
+        raise ValueError(f"{path}: empty file") from None
+    if not isinstance(arr, np.ndarray):  # .npz
+        with arr as z:
+            if sorted(z.files) != ["int8", "scale"]:
+                raise ValueError(f"{path}: an .npz table must hold exactly the arrays 'int8' and 'scale'")
+            q, scale = z["int8"], z["scale"]
+        if q.dtype != np.int8 or q.ndim != 2 or scale.shape != (q.shape[0],) or scale.dtype != np.float32:
+            raise ValueError(f"{path}: int8 table needs int8 [V,E] and float32 scale [V]")
+        return q.astype(np.float32) * scale[:, None]
+    if arr.dtype not in (np.float32, np.float16) or arr.ndim != 2:
+        raise ValueError(f"{path}: table must be float32 or float16 [V,E], got {arr.dtype} {list(arr.shape)}")
+    return np.ascontiguousarray(arr, dtype=np.float32)
+
+
+def printable(s) -> str:
+    """`s` safe to print on a terminal: non-printable characters (ANSI escapes, newlines, bidi controls) are shown
+    as Python escapes (\\x1b, \\n, \\u202e), so names read from files cannot move the cursor or fake output lines."""
+    s = str(s)
+    return s if s.isprintable() else "".join(c if c.isprintable() else ascii(c)[1:-1] for c in s)

@@ -1,6 +1,6 @@
 r"""The gallery collection format (DESIGN §9) — the only module that reads or writes it.
 
-Files of a collection with prefix P (e.g. `collection/person_features`):
+Files of a collection with prefix P (e.g. `collection/person`):
     P_features.npy     float32 [N, D], rows L2-normalised
     P_metadata.json    {"format_version": 1,
                         "model": {...},          # what embedded the rows; see below
@@ -23,6 +23,7 @@ A bare JSON list of items (older collections) loads as format 0 with an empty mo
 """
 import hashlib
 import json
+import math
 import os
 import shutil
 
@@ -137,6 +138,8 @@ def _read_metadata(path):
         raise CollectionError(f"{path}: metadata file not found") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CollectionError(f"{path}: unreadable metadata ({e.__class__.__name__}: {e})") from None
+    except RecursionError:
+        raise CollectionError(f"{path}: unreadable metadata (JSON nested too deeply)") from None
     if isinstance(meta, list):  # format 0: a bare list of items
         meta = {"format_version": 0, "model": {}, "items": meta}
     if not isinstance(meta, dict) or not isinstance(meta.get("items"), list):
@@ -155,8 +158,9 @@ def _read_metadata(path):
             raise CollectionError(f"{path}: item {i} has no 'image' path")
         b = it.get("bbox")
         if b is not None and (not isinstance(b, list) or len(b) != 4
-                              or not all(isinstance(v, (int, float)) for v in b)):
-            raise CollectionError(f"{path}: item {i} has an invalid bbox {b!r} (expected [x1, y1, x2, y2] or null)")
+                              or not all(type(v) in (int, float) and math.isfinite(v) for v in b)):  # NaN/Infinity
+            raise CollectionError(f"{path}: item {i} has an invalid bbox {str(b)[:80]} "
+                                  f"(expected 4 finite numbers [x1, y1, x2, y2] or null)")
         items.append(dict(it, image=img, bbox=b))
     meta["items"] = items
     return meta
@@ -178,8 +182,32 @@ def _read_features(path, mmap=True):
     return f
 
 
+def check_rows(features, path, limit=_FULL_HASH_LIMIT):
+    """Refuse (CollectionError) NaN/inf or unnormalised rows: enrolment writes unit rows, so any other row is
+    damage, and it would poison every score. All rows up to `limit` bytes, evenly spread blocks beyond."""
+    n = len(features)
+    block = 65536
+    starts = list(range(0, n, block))
+    budget = max(1, limit // max(1, block * features.shape[1] * 4))
+    if len(starts) > budget:
+        starts = [starts[int(i)] for i in np.linspace(0, len(starts) - 1, budget)]
+    for s in starts:
+        blk = np.asarray(features[s:s + block], dtype=np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            norm = np.sqrt((blk * blk).sum(axis=1))
+        bad = np.flatnonzero(~(np.abs(norm - 1.0) < 1e-3))  # also catches NaN norms
+        if len(bad):
+            r = s + int(bad[0])
+            what = "non-finite" if not np.isfinite(blk[bad[0]]).all() else f"not unit length (norm {norm[bad[0]]:.4g})"
+            raise CollectionError(f"{path}: row {r} is {what} ({len(bad)} such rows in rows {s}..{s + len(blk) - 1}); "
+                                  "the file is damaged - re-run enrolment with --rebuild")
+
+
 def load_collection(features_path, metadata_path=None, mmap=True):
-    """Load and validate. Raises CollectionError (one line) on row-count or dim mismatch."""
+    """Load and validate. Raises CollectionError (one line) on a missing file, row-count or dim mismatch, and
+    NaN/inf/unnormalised rows."""
+    if not os.path.isfile(features_path):  # before the metadata: its default name is derived from this path
+        raise CollectionError(f"{features_path}: features file not found")
     metadata_path = metadata_path or metadata_for(features_path)
     meta = _read_metadata(metadata_path)
     f = _read_features(features_path, mmap)
@@ -191,6 +219,7 @@ def load_collection(features_path, metadata_path=None, mmap=True):
     if md is not None and md != d:
         raise CollectionError(f"{features_path} has {d}-dim features but {metadata_path} says dim {md} "
                               "(mismatched pair of files)")
+    check_rows(f, features_path)
     return Collection(f, meta, str(features_path), str(metadata_path))
 
 
@@ -270,7 +299,9 @@ class Enrolment:
                 with open(jp, encoding="utf-8") as fh:
                     cm = json.load(fh)
                 arr = np.load(npy, mmap_mode="r", allow_pickle=False)
-            except (OSError, ValueError):
+                if not isinstance(cm, dict) or not isinstance(cm.get("items"), list):
+                    raise ValueError("not a chunk")
+            except (OSError, ValueError, RecursionError):
                 continue  # a torn checkpoint: its rows are simply embedded again
             if (cm.get("model") or {}).get("signature") != self.model.get("signature"):
                 self._check_model(cm.get("model") or {}, jp)

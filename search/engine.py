@@ -2,7 +2,9 @@ r"""Torch-free inference core of `search/`: the exported ONNX models, their prep
 
 Reads what `export_model.py` writes (docs/INTERFACES.md, "Export"):
     model_info.json, model_image.onnx (input `image` [B,3,H,W]), model_text.onnx (inputs `text_embeds` [B,L,E],
-    `text_mask` [B,L]; output `embedding`), input_embeddings.pt.npy [V,E].
+    `text_mask` [B,L]; output `embedding`), input_embeddings.pt.npy [V,E] (or the fp16 / int8 table of a variant:
+    search/charmap.py defines the table formats). Static-shape exports (export_model.py --static_shapes): queries
+    are padded or truncated to the graph's fixed text length and run at its fixed batch.
 
     from search.engine import load_export, ImageEncoder, TextEncoder
     info = load_export("logs/expModel-.../export")          # dict + resolved file paths
@@ -21,7 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from search.charmap import CHARMAP_VERSION, encode_batch, lookup, normalize_text
+from search.charmap import CHARMAP_VERSION, encode_batch, load_table, lookup, normalize_text
+from search.imaging import to_rgb
 
 MODEL_INFO = "model_info.json"
 
@@ -56,7 +59,7 @@ def load_export(model_dir):
         raise ExportError(f"{f}: not found (is {d} a folder written by export_model.py?)")
     try:
         info = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ExportError(f"{f}: unreadable model info ({e.__class__.__name__}: {e})") from None
     if not isinstance(info, dict):
         raise ExportError(f"{f}: expected a JSON object")
@@ -169,8 +172,8 @@ def clip_bbox(bbox, width, height):
 
 def preprocess(img, bbox, image_size, mean, std):
     """PIL image (+ optional bbox) -> float32 [3,H,W]. Exactly the training eval transform (data.py):
-    .convert("RGB"), crop, .resize((W,H), BILINEAR), /255, (x-mean)/std, CHW."""
-    img = img.convert("RGB")
+    .convert("RGB") (16-bit scaled, search.imaging.to_rgb), crop, .resize((W,H), BILINEAR), /255, (x-mean)/std, CHW."""
+    img = to_rgb(img)
     if bbox is not None:
         img = img.crop(tuple(int(v) for v in bbox))
     h, w = image_size
@@ -222,18 +225,21 @@ class TextEncoder:
         info = model_dir if isinstance(model_dir, dict) else load_export(resolve_model_dir(model_dir, text_model))
         if text_model:  # an explicit file wins over model_info's name (e.g. a renamed / quantised copy)
             info = dict(info, _text_model=str(Path(text_model).resolve()))
+            # a variant's graph (model_text.int8.onnx) goes with the table its parity was measured with
+            for v in (info.get("variants") or {}).values():
+                if isinstance(v, dict) and v.get("text_model") == Path(text_model).name and v.get("input_embeddings"):
+                    info["_input_embeddings"] = str(Path(info["_dir"]) / Path(str(v["input_embeddings"])).name)
         self.info = info
         self.dim = info["feature_dim"]
         self.max_seq_length = info["max_seq_length"]
         self.vocab_size = info.get("vocab_size", 8192)
         p = info["_input_embeddings"]
         try:
-            self.table = np.load(p, allow_pickle=False)
+            self.table = load_table(p)  # float32 [V,E] from any of charmap's table formats
         except (OSError, ValueError) as e:
             raise ExportError(f"{p}: cannot read the input-embedding table ({e})") from None
-        if self.table.ndim != 2 or self.table.shape[0] < self.vocab_size:
+        if self.table.shape[0] < self.vocab_size:
             raise ExportError(f"{p}: table shape {self.table.shape} does not fit vocab_size {self.vocab_size}")
-        self.table = np.ascontiguousarray(self.table, dtype=np.float32)
         # one thread by default: a single query through a small Transformer has too little work to split, and a
         # server gets its parallelism from concurrent requests instead
         self.sess = make_session(info["_text_model"], threads or 1)
@@ -246,6 +252,10 @@ class TextEncoder:
         self.space = export_space(info)
         shp = {i.name: i.shape for i in self.sess.get_inputs()}["text_mask"]
         self.dynamic_length = len(shp) == 2 and not isinstance(shp[1], int)
+        if len(shp) == 2 and isinstance(shp[1], int) and shp[1] > 0:
+            # static text length (--static_shapes): every query is padded / truncated to exactly L tokens
+            # (the graph's shape is the truth: export_model.py keeps it <= max_seq_length)
+            self.max_seq_length = shp[1]
 
     def truncation(self, text):
         """Number of characters kept and the original count, after normalisation (CLS takes one slot)."""

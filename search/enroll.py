@@ -20,10 +20,11 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 
-from PIL import Image
-
-from search.collection import CollectionError, Enrolment, prefix_paths
+from search.backends import add_backend_args, describe_target, open_enrolment
+from search.collection import CollectionError, prefix_paths
 from search.engine import clip_bbox
+from search.imaging import is_regular_file, open_rgb
+from search.index import INDEX_TYPES
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 PERSON_CATEGORY = 1
@@ -37,7 +38,7 @@ def get_args_parser(add_help=False):
     p = argparse.ArgumentParser("enrolment", add_help=add_help)
     p.add_argument("--image-dir", "--image_dir", dest="image_dir", required=True,
                    help="folder of gallery images, walked recursively (jpg/jpeg/png/bmp/webp)")
-    p.add_argument("--output-prefix", "--output_prefix", dest="output_prefix", default="collection/person_features",
+    p.add_argument("--output-prefix", "--output_prefix", dest="output_prefix", default="collection/person",
                    help="writes PREFIX_features.npy and PREFIX_metadata.json (+ PREFIX_index.* for hnsw/ivf)")
     p.add_argument("--boxes", default=None, help="person boxes JSON (simple or COCO form, see the docstring)")
     p.add_argument("--min_score", type=float, default=0.0, help="drop COCO detections scoring below this")
@@ -46,23 +47,53 @@ def get_args_parser(add_help=False):
                    help="image decoding threads")
     p.add_argument("--checkpoint_every", type=int, default=20,
                    help="make progress durable every N batches (a killed run resumes from there)")
-    p.add_argument("--index", default="auto", choices=("auto", "flat", "hnsw", "ivf"),
-                   help="index built after enrolment: auto = flat (nothing saved) below 100k rows, hnsw above")
+    p.add_argument("--index", default="auto", choices=INDEX_TYPES,
+                   help="faiss index built after enrolment (search/index.py): auto = exact flat (nothing saved) for "
+                        "small galleries, else ivf_sq8 tuned to --recall_target")
+    p.add_argument("--recall_target", type=float, default=None, help="recall@10 the index is tuned to (0.95)")
     p.add_argument("--rebuild", action="store_true",
                    help="discard the existing collection (required when the model changed)")
     p.add_argument("--threads", type=int, default=None, help="inference threads (default: cores, max 8)")
+    add_backend_args(p, enrol=True)
     return p
 
 
 # ------------------------------------------------------------------------------------------- planning
-def walk_images(image_dir):
-    """Sorted relative '/'-separated paths of image files under image_dir (symlinked dirs are not followed)."""
+def walk_images(image_dir, skipped=None):
+    """Sorted relative '/'-separated paths of image files under image_dir (symlinked dirs are not followed).
+
+    One rule with the web UI (which serves only files inside its root): a symlink resolving outside image_dir is
+    not enrolled, nor is anything that is not a regular file (a FIFO named *.jpg would block open() forever);
+    both are counted in `skipped` ({"outside_root": n, "not_regular": n}) when a dict is given."""
     out = []
-    for root, dirs, files in os.walk(image_dir):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for f in files:
-            if f.lower().endswith(IMAGE_EXTS) and not f.startswith("."):
-                out.append(os.path.relpath(os.path.join(root, f), image_dir).replace(os.sep, "/"))
+    skipped = {} if skipped is None else skipped
+    skipped.setdefault("outside_root", 0)
+    skipped.setdefault("not_regular", 0)
+    root_real = os.path.realpath(image_dir)
+    stack = [image_dir]
+    while stack:
+        d = stack.pop()
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError:
+            continue
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            if e.is_dir(follow_symlinks=False):
+                stack.append(e.path)
+                continue
+            if not e.name.lower().endswith(IMAGE_EXTS):
+                continue
+            if e.is_symlink():
+                real = os.path.realpath(e.path)
+                if os.path.commonpath([root_real, real]) != root_real:
+                    skipped["outside_root"] += 1
+                    continue
+            if not is_regular_file(e.path):
+                skipped["not_regular"] += 1
+                continue
+            out.append(os.path.relpath(e.path, image_dir).replace(os.sep, "/"))
     return sorted(out)
 
 
@@ -94,7 +125,7 @@ def load_boxes(path, image_dir, min_score=0.0):
             data = json.load(f)
     except FileNotFoundError:
         raise EnrolError(f"{path}: boxes file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise EnrolError(f"{path}: unreadable boxes file ({e.__class__.__name__}: {e})") from None
     boxes, invalid = {}, 0
     if isinstance(data, dict) and "annotations" in data and "images" in data:  # COCO
@@ -102,7 +133,7 @@ def load_boxes(path, image_dir, min_score=0.0):
             raise EnrolError(f"{path}: COCO 'images' and 'annotations' must be lists")
         names = {}
         for im in data["images"]:
-            if isinstance(im, dict) and "id" in im and isinstance(im.get("file_name"), str):
+            if isinstance(im, dict) and isinstance(im.get("id"), (int, str)) and isinstance(im.get("file_name"), str):
                 names[im["id"]] = _norm_rel(im["file_name"], image_dir)
         for a in data["annotations"]:
             if not isinstance(a, dict) or a.get("category_id", PERSON_CATEGORY) != PERSON_CATEGORY:
@@ -111,7 +142,8 @@ def load_boxes(path, image_dir, min_score=0.0):
             if isinstance(score, (int, float)) and score < min_score:
                 continue
             b = _as_box(a.get("bbox"))
-            name = names.get(a.get("image_id"))
+            iid = a.get("image_id")
+            name = names.get(iid) if isinstance(iid, (int, str)) else None  # a list/dict id is malformed
             if b is None or name is None:
                 invalid += 1
                 continue
@@ -142,8 +174,9 @@ def load_boxes(path, image_dir, min_score=0.0):
 
 def plan(image_dir, boxes=None):
     """-> (tasks [(rel, [item templates])], stats). An item template holds image/bbox_src/source/score."""
-    rels = walk_images(image_dir)
-    stats = {"images_found": len(rels), "no_boxes": 0, "boxes_missing_image": 0}
+    skipped = {}
+    rels = walk_images(image_dir, skipped)
+    stats = {"images_found": len(rels), "no_boxes": 0, "boxes_missing_image": 0, **skipped}
     tasks = []
     if boxes is None:
         tasks = [(r, [{"image": r, "bbox_src": None, "source": "image"}]) for r in rels]
@@ -183,9 +216,7 @@ def _key_template(tpl):
 def _decode_task(image_dir, rel, templates, prepare):
     """Worker: decode once, clip every box, prepare each crop. -> (ok [(item, payload)], n_degenerate, error)."""
     try:
-        with Image.open(os.path.join(image_dir, rel)) as im:
-            im.load()
-            img = im.convert("RGB")
+        img, _ = open_rgb(os.path.join(image_dir, rel))  # regular files only; 16-bit scaled, not clipped
     except Exception as e:  # noqa: BLE001 - any decoder failure (OSError, SyntaxError, DecompressionBomb...)
         return [], 0, f"{e.__class__.__name__}"
     w, h = img.size
@@ -217,6 +248,16 @@ def _lock(prefix):
     return f
 
 
+def check_args(args):
+    if args.batch_size < 1 or args.checkpoint_every < 1 or args.workers < 1 or (getattr(args, "threads", 0) or 1) < 1:
+        raise EnrolError("--batch_size, --checkpoint_every, --workers and --threads must be >= 1")
+    if not math.isfinite(getattr(args, "min_score", 0.0)):
+        raise EnrolError(f"--min_score must be a finite number, got {args.min_score}")
+    rt = getattr(args, "recall_target", None)
+    if rt is not None and not 0 < rt <= 1:  # also refuses nan
+        raise EnrolError(f"--recall_target must be in (0, 1], got {rt}")
+
+
 def run_enrolment(args, encoder, log=None):
     """encoder: .model_record (dict with kind/signature/space/dim), .dim, .prepare(img, bbox) -> payload,
     .embed(list of payloads) -> float32 [B,D] unit norm. Returns a stats dict."""
@@ -224,8 +265,7 @@ def run_enrolment(args, encoder, log=None):
     image_dir = args.image_dir
     if not os.path.isdir(image_dir):
         raise EnrolError(f"--image-dir {image_dir}: not a directory")
-    if args.batch_size < 1 or args.checkpoint_every < 1 or args.workers < 1:
-        raise EnrolError("--batch_size, --checkpoint_every and --workers must be >= 1")
+    check_args(args)
     boxes, invalid = (load_boxes(args.boxes, image_dir, args.min_score) if args.boxes else (None, 0))
     tasks, stats = plan(image_dir, boxes)
     stats["invalid_boxes"] = invalid
@@ -237,7 +277,14 @@ def run_enrolment(args, encoder, log=None):
 
 
 def _run_locked(args, encoder, log, image_dir, boxes, tasks, stats):
-    enr = Enrolment(args.output_prefix, encoder.model_record, rebuild=args.rebuild, log=log)
+    enr = open_enrolment(args, encoder.model_record, log=log)
+    try:
+        return _enrol(args, encoder, log, image_dir, boxes, tasks, stats, enr)
+    finally:
+        getattr(enr, "close", lambda: None)()
+
+
+def _enrol(args, encoder, log, image_dir, boxes, tasks, stats, enr):
     existing = enr.total
     todo, seen = [], set()
     for rel, tpls in tasks:
@@ -309,6 +356,9 @@ def _run_locked(args, encoder, log, image_dir, boxes, tasks, stats):
     if bar is not None:
         bar.close()
     total = enr.finish()
+    if getattr(args, "prune", False):  # entries whose image file is gone from --image-dir
+        stats["pruned"] = enr.prune(set(walk_images(image_dir)))
+        total = enr.total
     stats["total"] = total
     stats["seconds"] = time.perf_counter() - t0
     return stats
@@ -317,16 +367,22 @@ def _run_locked(args, encoder, log, image_dir, boxes, tasks, stats):
 def _plural(what):
     return {"undecodable file": "undecodable files", "degenerate box": "degenerate boxes",
             "malformed box": "malformed boxes", "image without boxes": "images without boxes",
-            "box of a missing image": "boxes of missing images"}[what]
+            "box of a missing image": "boxes of missing images",
+            "link pointing outside the image folder": "links pointing outside the image folder",
+            "file that is not a regular file": "files that are not regular files"}[what]
 
 
-def summary_line(stats, prefix):
+def summary_line(stats, prefix, target=None):
     parts = [f"enrolled {stats['new']} new entries ({stats['existing']} already present, {stats['total']} total) "
-             f"in {stats['seconds']:.1f} s -> {prefix_paths(prefix)['features']}"]
+             f"in {stats['seconds']:.1f} s -> {target or prefix_paths(prefix)['features']}"]
+    if stats.get("pruned"):
+        parts[0] += f"; pruned {stats['pruned']} entries of deleted images"
     skipped = []
     for key, what in (("undecodable", "undecodable file"), ("degenerate", "degenerate box"),
                       ("invalid_boxes", "malformed box"), ("no_boxes", "image without boxes"),
-                      ("boxes_missing_image", "box of a missing image")):
+                      ("boxes_missing_image", "box of a missing image"),
+                      ("outside_root", "link pointing outside the image folder"),
+                      ("not_regular", "file that is not a regular file")):
         n = stats.get(key, 0)
         if n:
             skipped.append(f"{n} {what if n == 1 else _plural(what)}")
@@ -340,14 +396,15 @@ def main_common(args, make_encoder):
     from search.index import choose_index, get_index
 
     try:
+        check_args(args)  # before the (possibly large) model loads
         encoder = make_encoder(args)
         stats = run_enrolment(args, encoder)
-        print(summary_line(stats, args.output_prefix), flush=True)
-        kind = choose_index(args.index, stats["total"])
-        if kind != "flat" and stats["total"]:
+        print(summary_line(stats, args.output_prefix, describe_target(args)), flush=True)
+        kind = choose_index(args.index, stats["total"], encoder.dim)
+        if kind != "flat" and stats["total"] and args.backend == "faiss":  # Milvus indexes its rows itself
             p = prefix_paths(args.output_prefix)
             coll = load_collection(p["features"], p["metadata"])
-            get_index(coll.features, args.output_prefix, kind,
+            get_index(coll.features, args.output_prefix, args.index, recall_target=args.recall_target,
                       log=lambda m: print(m, file=sys.stderr, flush=True))
     except (EnrolError, CollectionError, ExportError) as e:
         print(f"error: {e}", file=sys.stderr)

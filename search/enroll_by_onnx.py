@@ -1,10 +1,10 @@
 r"""Enrol a folder of gallery images with the exported student image model (model_image.onnx).
 
     # from the repo root
-    python search/enroll_by_onnx.py --image-dir xm_images --output-prefix collection/person_features \
+    python search/enroll_by_onnx.py --image-dir xm_images --output-prefix collection/person \
         --model_dir logs/expModel-mobile_small-224x112-512/0/export
     # the seed's way: inside search/ with the export's files beside you (or pass --model_dir)
-    cd search; python enroll_by_onnx.py --image-dir xm_images --output-prefix collection/person_features
+    cd search; python enroll_by_onnx.py --image-dir xm_images --output-prefix collection/person
     # person boxes from a detector (simple {"img.jpg": [[x1,y1,x2,y2], ...]} or COCO detections)
     python search/enroll_by_onnx.py --image-dir frames --boxes frames_boxes.json --output-prefix collection/frames
 

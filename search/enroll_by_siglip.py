@@ -1,9 +1,9 @@
 r"""Enrol a gallery with an HF image-text teacher's image tower (SigLIP / SigLIP2 / mexma-siglip2 / CLIP).
 
     python search/enroll_by_siglip.py --teacher google/siglip2-base-patch16-224 \
-        --image-dir xm_images --output-prefix collection/person_features_siglip2
+        --image-dir xm_images --output-prefix collection/person_siglip2
     # then search it with a --text_only student distilled from that teacher (no teacher needed at query time):
-    python search/api.py --image-root xm_images --image_feature collection/person_features_siglip2_features.npy \
+    python search/api.py --image-root xm_images --image_feature collection/person_siglip2_features.npy \
         --text-model logs/<text_only run>/export/model_text.onnx --queries "a woman in a red coat"
 
 Same flags, formats, boxes files, append/resume and checkpointing as enroll_by_onnx.py. The collection's model

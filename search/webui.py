@@ -3,8 +3,10 @@
 Routes (GET only):
     /                          the page; `/?q=...&top_n=...` renders results server-side (every string escaped
                                with html.escape; a strict Content-Security-Policy forbids scripts altogether)
-    /api/search?q=...&top_n=.. JSON {"query", "time_s", "notes", "results": [{"rank", "score", "image", "bbox",
-                               "image_url"}]}; q is cut to 1000 characters, top_n must be 1..100
+    /api/search?q=...&top_n=..[&folder=F]
+                               JSON {"query", "time_s", "notes", "results": [{"rank", "score", "image", "bbox",
+                               "image_url"}]}; q is cut to 1000 characters, top_n must be 1..100; folder keeps
+                               only images directly in that folder (search/backends.py)
     /image?path=REL[&bbox=x1,y1,x2,y2]
                                REL must be an image of the collection under the image root: absolute paths,
                                '..' components (also percent-encoded), and symlinks resolving outside the root
@@ -12,6 +14,10 @@ Routes (GET only):
                                the box drawn; without: the file itself.
 Binds 127.0.0.1 by default; on a loopback bind, requests whose Host header is not a loopback name are refused
 (DNS-rebinding guard).
+Resources are bounded: each connection has a socket timeout (REQUEST_TIMEOUT_S, so idle clients cannot hold
+threads), at most MAX_THREADS requests run at once (more get 503 at once), and crops decode large JPEGs at a
+reduced scale and refuse other images above MAX_DECODE_PIXELS (a 100-megapixel gallery image would cost ~1.3 GB
+per request). Bad parameters (too many, a bbox without area) are 400.
 """
 import html
 import io
@@ -26,6 +32,8 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 
 from PIL import Image, ImageDraw
 
+from search.imaging import ImageTooLarge, open_rgb
+
 MAX_QUERY_CHARS = 1000
 MAX_TOP_N = 100
 CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".bmp": "image/bmp",
@@ -33,6 +41,9 @@ CONTENT_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png
 CSP = ("default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; form-action 'self'; base-uri 'none'; "
        "frame-ancestors 'none'")
 LOOPBACK_NAMES = {"127.0.0.1", "localhost", "::1", "[::1]"}
+REQUEST_TIMEOUT_S = 10
+MAX_THREADS = 32
+MAX_DECODE_PIXELS = 16_000_000  # per crop: ~48 MB of RGB; JPEGs above it decode at 1/2..1/8 scale
 
 
 class Forbidden(Exception):
@@ -56,21 +67,22 @@ def resolve_image_path(root_real, rel):
 
 
 def parse_bbox(s):
+    """[x1, y1, x2, y2] with x2 > x1 and y2 > y1 (finite, |v| < 1e6), else None (a 400)."""
     try:
         b = [float(v) for v in s.split(",")]
     except ValueError:
         return None
-    return b if len(b) == 4 and all(abs(v) < 1e6 for v in b) else None
+    if len(b) != 4 or not all(abs(v) < 1e6 for v in b):  # also refuses nan (every comparison is False)
+        return None
+    return b if b[2] > b[0] and b[3] > b[1] else None
 
 
 @lru_cache(maxsize=512)
 def render_crop(full, bbox, mtime_ns, max_h=256):
     """JPEG bytes: the box with a 15% margin, the box outlined, scaled to max_h pixels high."""
-    with Image.open(full) as im:
-        im.load()
-        img = im.convert("RGB")
+    img, scale = open_rgb(full, MAX_DECODE_PIXELS)  # bounded: large JPEGs decode reduced, others are refused
     W, H = img.size
-    x1, y1, x2, y2 = bbox
+    x1, y1, x2, y2 = (v * scale for v in bbox)
     mx, my = 0.15 * (x2 - x1), 0.15 * (y2 - y1)
     cx1, cy1 = max(0, int(x1 - mx)), max(0, int(y1 - my))
     cx2, cy2 = min(W, int(x2 + mx) + 1), min(H, int(y2 + my) + 1)
@@ -141,7 +153,9 @@ def render_page(title, info, query=None, top_n=10, res=None, error=None):
 
 class SearchHandler(BaseHTTPRequestHandler):
     server_version = "PersonSearch/1"
-    # set by make_server: searcher, root_real, allowed (set of item paths), title, quiet, loopback_only
+    timeout = REQUEST_TIMEOUT_S  # socket timeout: a silent client is dropped instead of holding a thread
+    # set by make_server: searcher (its has_image() says which files may be served), root_real, title, quiet,
+    # loopback_only
 
     def log_message(self, fmt, *args):
         if not self.server.quiet:
@@ -180,7 +194,10 @@ class SearchHandler(BaseHTTPRequestHandler):
                 if host and name.lower() not in LOOPBACK_NAMES:
                     return self._text(403, "forbidden host")
             u = urlsplit(self.path)
-            qs = parse_qs(u.query, keep_blank_values=True, max_num_fields=20)
+            try:
+                qs = parse_qs(u.query, keep_blank_values=True, max_num_fields=20)
+            except ValueError:  # more than 20 fields
+                return self._text(400, "too many query parameters")
             if u.path == "/":
                 return self._page(qs)
             if u.path == "/api/search":
@@ -215,8 +232,8 @@ class SearchHandler(BaseHTTPRequestHandler):
             return q, min(max(top_n, 1), MAX_TOP_N), notes, f"top_n must be 1..{MAX_TOP_N}"
         return q, top_n, notes, None
 
-    def _search(self, q, top_n, notes):
-        res = self.server.searcher.search(q, top_n)
+    def _search(self, q, top_n, notes, folder=None):
+        res = self.server.searcher.search(q, top_n, folder)
         res["notes"] = notes + res["notes"]
         for r in res["results"]:
             r.pop("path", None)  # never reveal server filesystem paths
@@ -237,7 +254,7 @@ class SearchHandler(BaseHTTPRequestHandler):
             return self._json(400, {"error": err})
         if q is None:
             return self._json(400, {"error": "missing parameter q"})
-        self._json(200, self._search(q, top_n, notes))
+        self._json(200, self._search(q, top_n, notes, qs.get("folder", [None])[0]))
 
     def _image(self, qs):
         rel = qs.get("path", [""])[0]
@@ -247,7 +264,7 @@ class SearchHandler(BaseHTTPRequestHandler):
             return self._text(403, "forbidden")
         except (FileNotFoundError, ValueError):
             return self._text(404, "not found")
-        if rel.replace("\\", "/") not in self.server.allowed:
+        if not self.server.searcher.has_image(rel.replace("\\", "/")):
             return self._text(404, "not found")  # only gallery images are served, nothing else in the root
         ext = os.path.splitext(full)[1].lower()
         if ext not in CONTENT_TYPES:
@@ -260,6 +277,8 @@ class SearchHandler(BaseHTTPRequestHandler):
                 return self._text(400, "bad bbox")
             try:
                 data = render_crop(full, tuple(b), os.stat(full).st_mtime_ns)
+            except ImageTooLarge:
+                return self._text(413, "image too large to crop")
             except Exception:  # noqa: BLE001 - undecodable/vanished image
                 return self._text(404, "not found")
             return self._send(200, data, "image/jpeg", cache)
@@ -268,20 +287,59 @@ class SearchHandler(BaseHTTPRequestHandler):
         self._send(200, data, CONTENT_TYPES[ext], cache)
 
 
+class BoundedThreadingHTTPServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer with at most `max_threads` requests in flight; the next ones get a 503 at once."""
+
+    max_threads = MAX_THREADS
+
+    def server_activate(self):
+        super().server_activate()
+        self._slots = threading.BoundedSemaphore(self.max_threads)
+
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            try:
+                request.settimeout(1.0)
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 5\r\nConnection: close"
+                                b"\r\nRetry-After: 1\r\n\r\nbusy\n")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        t = threading.Thread(target=self._run_bounded, args=(request, client_address), daemon=True)
+        t.start()
+
+    def _run_bounded(self, request, client_address):
+        try:
+            self.process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
+def image_root_problem(image_root):
+    """Why `image_root` cannot be served from (None: fine)."""
+    if not image_root:
+        return "--image-root is required: the folder the gallery images are in"
+    if not os.path.isdir(image_root):
+        return f"--image-root {image_root!r}: not a folder (the UI serves the gallery images from it)"
+    return None
+
+
 def make_server(searcher, image_root, host="127.0.0.1", port=5005, title="Person search", default_top_n=10,
                 quiet=False):
-    """A ThreadingHTTPServer bound to (host, port); port 0 picks a free one (server.server_address[1])."""
-    srv = ThreadingHTTPServer((host, port), SearchHandler)
+    """A bounded threading HTTP server bound to (host, port); port 0 picks a free one (server.server_address[1])."""
+    if image_root_problem(image_root):
+        raise ValueError(image_root_problem(image_root))
+    srv = BoundedThreadingHTTPServer((host, port), SearchHandler)
     srv.daemon_threads = True
     srv.searcher = searcher
     srv.root_real = os.path.realpath(image_root or ".")
-    srv.allowed = {it["image"].replace("\\", "/") for it in searcher.collection.items}
     srv.title = title
     srv.default_top_n = max(1, min(MAX_TOP_N, int(default_top_n)))
     srv.quiet = quiet
     srv.loopback_only = host in LOOPBACK_NAMES or host.startswith("127.")
     c = searcher.collection
-    srv.info = (f"{len(c)} gallery entries · {c.dim}-dim · index {searcher.index.kind} · "
+    srv.info = (f"{len(searcher)} gallery entries · {c.dim}-dim · index {searcher.index.kind} · "
                 f"enrolled with {c.model.get('kind', '?')} ({c.model.get('space', '?')})")
     return srv
 
@@ -294,10 +352,17 @@ def serve_in_thread(srv):
 
 def main_serve(args, encoder, title):
     """Shared main of app_onnx.py / app_siglip.py (after the encoder is built)."""
-    from search.api import Searcher
+    from search.api import Searcher, data_args_problem
 
-    s = Searcher(encoder, args.image_feature, args.image_metadata, args.image_root, args.index, args.ef_search,
-                 args.nprobe, save_index=not args.no_save_index, search_threads=args.search_threads)
+    from search.backends import open_store
+
+    problem = data_args_problem(args) or image_root_problem(args.image_root)
+    if problem:
+        raise ValueError(problem)
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be 0..65535, got {args.port}")
+    s = Searcher(encoder, args.image_feature, image_root=args.image_root, folder=args.folder, expr=args.filter,
+                 store=open_store(args, log=lambda m: print(m, file=sys.stderr, flush=True)))
     s.search("warm-up", 1)
     try:
         srv = make_server(s, args.image_root, args.host, args.port, title, args.top_n, args.quiet)

@@ -58,24 +58,27 @@ def test_encoder_tables(smoke, title):
 def test_text_table_has_l64_and_typical_query(smoke):
     lines = _rows(smoke, "2. Text encoders")
     assert any(re.match(r"SigLIP .* text \(PyTorch fp32\), L=64\s", l) for l in lines)
-    assert any(re.match(r"student char_tiny \(charmap \+ lookup \+ ONNX Runtime\), L=64\s", l) for l in lines)
+    for kind in ("fp32", "int8"):
+        assert any(re.match(rf"student char_tiny \(charmap \+ lookup \+ ONNX Runtime {kind}\), L=64\s", l)
+                   for l in lines)
     assert any(l.startswith("student, typical search query") for l in lines)
 
 
 def test_search_table(smoke):
-    lines = _rows(smoke, "3. Search")
-    assert any(l.startswith("gallery (D=32)") and "recall@10" in l and "build s" in l for l in lines)
-    table = [l for l in lines if re.match(r"(1k|5k) (structured|uniform)", l)]
-    kinds = {(l.split("  ")[0].strip(), k) for l in table for k in ("flat (exact)", "hnsw", "ivf") if k in l}
-    for g in ("1k structured", "5k structured", "1k uniform (worst case)"):
-        for k in ("flat (exact)", "hnsw", "ivf"):
+    lines = _rows(smoke, "3. Search")  # bench/search_speed.py's table, on the smoke student
+    assert any(l.startswith("gallery (D=32)") and "recall@10" in l and "build s" in l and "index MiB" in l
+               for l in lines)
+    table = [l for l in lines if re.match(r"(2k|6k)\s+(flat|ivf|ivf_fp16|ivf_sq8|hnsw|auto)\s", l)]
+    kinds = {(l.split()[0], l.split()[1]) for l in table}
+    for g in ("2k", "6k"):
+        for k in ("flat", "ivf", "ivf_fp16", "ivf_sq8", "hnsw"):
             assert (g, k) in kinds, (g, k)
     for l in table:
         recall = float(l.split()[-1])
         assert 0.0 <= recall <= 1.0
-        if "flat (exact)" in l:
+        if l.split()[1] == "flat":
             assert l.split()[-1] == "1.000"
-    assert any(l.startswith("query total = student text encode") for l in lines)
+    assert any(l.startswith("text encoding (search.engine.TextEncoder") for l in lines)
 
 
 def test_eval_and_train_tables(smoke):
@@ -94,9 +97,22 @@ def test_headline_lines(smoke):
     head = _rows(smoke, "Headline")
     assert any(re.match(rf"image encoder speed-up vs .* @ batch 1: {NUM}x \(target >= 1000x\) (met|NOT met)$", l)
                for l in head)
-    assert any(re.match(rf"text encoder speed-up vs .* @ batch 1: {NUM}x \(target >= 150x\) (met|NOT met)", l)
+    assert any(re.match(rf"text encoder speed-up vs .* @ batch 1: {NUM}x \(target >= 300x\) (met|NOT met)", l)
                for l in head)
     assert any(re.match(rf"text encoder speed-up vs .* typical \d+-character query: {NUM}x", l) for l in head)
+    assert any(re.match(rf"image encoder \(int8\) speed-up vs .* @ batch 1: {NUM}x", l) for l in head)
+    assert any(re.match(rf"text model \+ table, int8: {NUM} MiB \(target <= 8 MiB\) (met|NOT met)", l) for l in head)
+
+
+def test_every_family_in_one_run(smoke):
+    """The recipe, its static-shape export and the other families, fp32 and int8, in the speed-up tables."""
+    for title, names in (("1. Image encoders", ("res_tiny 64x32 (the recipe)", "res_tiny 64x32 (static shapes)",
+                                                "mobile_tiny 64x32")),
+                         ("2. Text encoders", ("char_tiny, L=64 (the recipe)", "char_tiny (static shapes), L=64",
+                                               "char_small, L=64"))):
+        lines = _rows(smoke, title)
+        for n in names:
+            assert any(re.match(rf"{re.escape(n)}\s.*{NUM}x / {NUM}x\s+>= \d+x$", l) for l in lines), (title, n)
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -131,7 +131,7 @@ def test_missing_file_and_cli_error(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('[{"id": 1, "captions": ["a"]}]')
     p = subprocess.run([sys.executable, str(Path(data.__file__)), "--data", str(bad)], capture_output=True, text=True)
-    assert p.returncode == 1 and "Traceback" not in p.stderr
+    assert p.returncode == 2 and "Traceback" not in p.stderr  # 2 = bad input (cli.py)
     assert p.stderr.strip() == f"error: {bad}: record 0: missing 'file_path' (or 'img_path')"
 
 
@@ -184,15 +184,35 @@ def test_split_identity_holdout():
     assert {recs[i]["id"] for i in data.split_records(recs[:150], 0.1, "test")} == {p for p in te_ids if p < 50}
     assert data.split_records(recs, 0.0, "test") == [] and data.split_records(recs, 1.0, "train") == []
     with pytest.raises(ValueError):
-        data.split_records(recs, 0.1, "val")
+        data.split_records(recs, 0.1, "dev")
+    with pytest.raises(ValueError):
+        data.split_records(recs, 0.1, "val", val_ratio=1.5)
+
+
+def test_validation_split_comes_from_training_ids_and_leaves_test_alone():
+    recs = _many()
+    test = data.split_records(recs, 0.1, "test")
+    for vr in (0.0, 0.05, 0.2):
+        assert data.split_records(recs, 0.1, "test", val_ratio=vr) == test  # test ids never move
+        tr = data.split_records(recs, 0.1, "train", val_ratio=vr)
+        va = data.split_records(recs, 0.1, "val", val_ratio=vr)
+        assert sorted(tr + va + test) == list(range(len(recs)))
+        ids = [{recs[i]["id"] for i in x} for x in (tr, va, test)]
+        assert not ids[0] & ids[1] and not ids[1] & ids[2] and not ids[0] & ids[2]  # identity-disjoint
+        expect = {p for p in range(300) if zlib.crc32(str(p).encode()) % 1000 >= 100
+                  and zlib.crc32(b"val/" + str(p).encode()) % 1000 < vr * 1000}
+        assert ids[1] == expect  # the documented rule
+    assert data.split_records(recs, 0.1, "val", val_ratio=0.0) == []
+    assert 5 <= len({recs[i]["id"] for i in data.split_records(recs, 0.1, "val", val_ratio=0.1)}) <= 50
 
 
 def test_split_respects_json():
     recs = [dict(id=i, split=s) for i, s in enumerate(["train", "test", "val", "train", None])]
     recs[4]["id"] = next(p for p in range(1000) if zlib.crc32(str(p).encode()) % 1000 < 100)  # hash says test
     assert data.split_records(recs, 0.1, "train") == [0, 3]
-    assert data.split_records(recs, 0.1, "test") == [1, 2, 4]
-    assert data.split_records(recs, 0.0, "test") == [1, 2]  # JSON split wins over the ratio
+    assert data.split_records(recs, 0.1, "test") == [1, 4]
+    assert data.split_records(recs, 0.1, "val", val_ratio=0.0) == [2]  # the JSON's val is the validation split
+    assert data.split_records(recs, 0.0, "test") == [1]  # JSON split wins over the ratio
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import losses  # noqa: E402
 from losses import DistillLoss, build_criterion, gather_with_grad  # noqa: E402
 
 ALL_OFF = {k: 0.0 for k in ("dist_rel_weight", "rkda_weight", "rkdd_weight", "fd_weight", "id_img_weight",
-                            "id_cap_weight", "id_img_cap_weight", "d_pos_weight", "s_neg_weight")}
+                            "id_cap_weight", "id_img_cap_weight", "d_pos_weight", "s_neg_weight", "attr_weight")}
 
 
 def only(s_dim, t_dim, **kw):
@@ -75,7 +75,8 @@ def test_names_weights_and_total():
     b = batch()
     crit = build_criterion(argparse.Namespace(), 6, 6).train()
     d = call(crit, b)
-    assert list(d) == list(losses.TERM_ORDER)  # every default weight > 0, in the logging order
+    # every default weight > 0, in the logging order; the attribute terms need a vocabulary (attr_words)
+    assert list(d) == [k for k in losses.TERM_ORDER if not k.startswith("attr_")]
     assert all(v.dim() == 0 and v.dtype == torch.float32 and torch.isfinite(v) for v in d.values())
     one = only(6, 6, s_neg_weight=1.0)
     two = only(6, 6, s_neg_weight=2.0, d_pos_weight=1.0)
@@ -645,3 +646,55 @@ def test_ddp_gather_two_processes():
     for o in out:
         for k in ref:
             assert torch.allclose(o["buffers"][k].float(), ref[k].float(), atol=1e-6), k
+
+
+# ----------------------------------------------------------------------------- attribute terms
+
+def _attr_batch(B=12, W=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    target = (torch.rand(B, W, generator=g) < 0.3).float()
+    return {"img_target": target, "img_weight": torch.ones(B, W),
+            "cap_target": target, "cap_weight": (torch.rand(B, W, generator=g) < 0.5).float()}
+
+
+def test_attr_terms_are_masked_bce_through_one_shared_classifier():
+    b, a = batch(B=12, Ds=6, Dt=6), _attr_batch()
+    crit = only(6, 6, attr_weight=2.0, attr_words=10)
+    d = crit(b["s_img"], b["s_cap"], b["t_img"], b["t_cap"], b["has_t_img"], b["has_t_cap"], b["pids"],
+             b["img_rows"], attr=a)
+    assert set(d) == {"attr_img", "attr_cap"}
+    for mod, x in (("img", b["s_img"]), ("cap", b["s_cap"])):  # reference: BCE over the known words only
+        z = crit.attr_logit_scale * crit.attr_head(x)
+        ref = F.binary_cross_entropy_with_logits(z, a[f"{mod}_target"], weight=a[f"{mod}_weight"], reduction="sum")
+        torch.testing.assert_close(d[f"attr_{mod}"], 2.0 * ref / a[f"{mod}_weight"].sum())
+    # nothing known about a caption: an exact 0 that still reaches the parameters (DDP needs the graph)
+    a0 = {**a, "cap_weight": torch.zeros(12, 10)}
+    d0 = crit(b["s_img"], b["s_cap"].requires_grad_(True), b["t_img"], b["t_cap"], b["has_t_img"], b["has_t_cap"],
+              b["pids"], b["img_rows"], attr=a0)
+    assert d0["attr_cap"].item() == 0.0
+    d0["attr_cap"].backward()
+    # no vocabulary or no labels: no attribute terms
+    assert "attr_img" not in call(only(6, 6, attr_weight=1.0, s_neg_weight=1.0), b)
+
+
+def test_attr_classifier_learns_and_aligns_the_towers():
+    torch.manual_seed(0)
+    a = _attr_batch(B=32, W=8, seed=1)
+    img = torch.randn(32, 6, requires_grad=True)
+    cap = torch.randn(32, 6, requires_grad=True)
+    crit = only(6, 6, attr_weight=1.0, attr_words=8)
+    b = batch(B=32, Ds=6, Dt=6)
+    opt = torch.optim.Adam([img, cap, *crit.parameters()], lr=0.05)
+    first = None
+    for _ in range(150):
+        d = crit(F.normalize(img, dim=1), F.normalize(cap, dim=1), b["t_img"], b["t_cap"], b["has_t_img"],
+                 b["has_t_cap"], b["pids"], b["img_rows"], attr=a)
+        total = sum(d.values())
+        first = first if first is not None else total.item()
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+    assert total.item() < 0.3 * first
+    # one classifier for both: rows with the same labels end up near each other across the modalities
+    same = (F.normalize(img, dim=1) * F.normalize(cap, dim=1)).sum(1)
+    assert same.mean().item() > 0.3

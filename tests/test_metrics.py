@@ -6,6 +6,7 @@ float32 whatever the summation order, so the blockwise float32 scores and the re
 bit for bit and the comparisons can be exact, ties included. Coarse grids make massive ties on purpose.
 """
 import json
+import re
 import subprocess
 import sys
 from fractions import Fraction
@@ -350,7 +351,11 @@ def test_evaluation_labels_end_to_end(tmp_path):
     p = _run("--data", path, "--embedding_path", emb, "--top_k", 3, "--json", out)
     assert p.returncode == 0, p.stderr
     assert "FAR=1e-3" in p.stdout and "Verify Count=" in p.stdout and "Top-3 False Accepted:" in p.stdout
-    assert f"\t {records[0]['id']}/imgs/" in p.stdout and ".jpg_caption " in p.stdout
+    assert f"\t {records[0]['id']}/imgs/" in p.stdout and re.search(r"\.jpg_caption\d+ ", p.stdout)
+    # caption names carry their index within the record, so one image's captions never share a name
+    rejected = p.stdout.split("Top-3 False Rejected:")[1].split("Top-3")[0]
+    fr = [ln.split()[1] for ln in rejected.splitlines() if ln.strip()]
+    assert len(fr) == len(set(fr))
     res = json.loads(out.read_text())
     # 11 images have an embedding (the last record's does not): its 2 captions only make negatives
     assert res["n_images"] == 11 and res["n_captions"] == 24 and res["verification"]["n_pos"] == 22

@@ -287,3 +287,26 @@ def test_default_model_cfg_parsing():
     bad = dict(cfg, charmap_version="other")
     with pytest.raises(ValueError, match="character mapping"):
         build_model(bad)
+
+
+# ---------------------------------------------------------------- stripe pooling
+def test_stripe_pooling_keeps_height_and_old_checkpoints_load():
+    from model import resolve_stripes
+    torch.manual_seed(0)
+    m = build_model(small_cfg(backbone="res_tiny", image_size="128x64")).eval()  # last map 4x2 -> 4 stripes
+    assert m.n_stripes == 4 and m.image_head.bn.num_features == 4 * m.backbone.num_features
+    x = torch.randn(2, 3, 128, 64)
+    with torch.no_grad():
+        a = m.encode_image(x)
+        b = m.encode_image(torch.flip(x, dims=[2]))  # upside down: same global content, other places
+    assert a.shape == (2, 64) and not torch.allclose(a, b, atol=1e-3)
+    g = build_model(small_cfg(backbone="res_tiny", image_size="128x64", stripes=0)).eval()
+    assert g.n_stripes == 0 and g.image_head.bn.num_features == g.backbone.num_features
+    old = small_cfg(backbone="res_tiny", image_size="128x64")
+    del old["stripes"]  # a checkpoint written before stripes existed: the global pool it was trained with
+    assert build_model(old).n_stripes == 0
+    assert resolve_stripes("auto", 7) == 7 and resolve_stripes("auto", 16) == 8 and resolve_stripes("auto", 9) == 3
+    with pytest.raises(ValueError):
+        build_model(small_cfg(backbone="res_tiny", image_size="128x64", stripes=3))  # 3 does not divide 4
+    with pytest.raises(ValueError):
+        small_cfg(stripes="many")

@@ -48,6 +48,11 @@ def test_table_has_teacher_student_and_text_only_figures(smoke):
         assert len(vals) == 3 and all(re.fullmatch(NUM, v) for v in vals), (label, vals)
     vals = _row(out, "FRR@FAR=1e-3 (%)")  # 10 images x 25 captions cannot resolve 1e-3: n/a is the honest answer
     assert len(vals) == 3 and all(re.fullmatch(NUM + "|n/a", v) for v in vals)
+    for name in ("keywords", "fragment", "fields", "keywords-zh"):
+        vals = _row(out, f"query form R@1 (%): {name}")
+        assert len(vals) == 3 and all(re.fullmatch(NUM, v) for v in vals), (name, vals)
+        vals = _row(out, f"attribute-match R@1 (%): {name}")
+        assert len(vals) == 3 and all(re.fullmatch(NUM, v) for v in vals), (name, vals)
     for name in ("en", "new-en", "zh", "new-zh"):
         vals = _row(out, f"text-only: mean cos to teacher {name}")
         assert vals[:2] == ["-", "-"] and re.fullmatch(r"-?\d\.\d{3}", vals[2])
@@ -62,7 +67,14 @@ def test_commands_wall_time_and_json(smoke):
     res = json.loads((folder / "quality.json").read_text())
     for col in ("teacher", "student", "text_only"):
         assert isinstance(res[col]["eer"], float) and isinstance(res[col]["r1"], float)
-        assert set(res[col]["paraphrase_r1"]) == {"en", "new-en", "zh", "new-zh"}
+        names = {"en", "new-en", "zh", "new-zh", "keywords", "fragment", "fields", "reordered", "search",
+                 "keywords-zh", "search-zh"}
+        assert set(res[col]["paraphrase_r1"]) == names and set(res[col]["attr_r1"]) == names
+        for k in names:  # attribute match counts every identity hit, and more
+            assert res[col]["attr_r1"][k] >= res[col]["paraphrase_r1"][k] - 1e-9, (col, k)
+    for name in ("det", "retrieval", "learning_curve"):
+        png = Path(res["student"]["plots"][name])
+        assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert all(isinstance(v, float) for v in res["text_only"]["mean_cos_to_teacher"].values())
     assert res["config"]["mode"] == "smoke" and res["commands"] and res["wall_time_s"]["total"] > 0
     assert not list(folder.glob("*.tmp.*"))  # written atomically

@@ -29,9 +29,10 @@ def _same(store, recs):
     assert store[-1] == recs[-1] and store[0] == recs[0] and dict(store[len(recs) - 1]) == recs[-1]
     assert np.array_equal(data.caption_offsets(store), data.caption_offsets(recs))
     assert data.caption_rows(store) == data.caption_rows(recs)
-    for ratio in (0.1, 0.5):
-        for split in ("train", "test"):
-            assert data.split_records(store, ratio, split) == data.split_records(recs, ratio, split)
+    for ratio, val_ratio in ((0.1, 0.0), (0.5, 0.0), (0.1, 0.3)):  # the val split too (a JSON "val" is val)
+        splits = [data.split_records(store, ratio, split, val_ratio) for split in ("train", "val", "test")]
+        assert splits == [data.split_records(recs, ratio, split, val_ratio) for split in ("train", "val", "test")]
+        assert sorted(sum(splits, [])) == list(range(len(recs)))  # every record in exactly one split
     idx = list(range(len(recs)))[::-1]
     assert data.eval_captions(store, idx, ("en", "zh")) == data.eval_captions(recs, idx, ("en", "zh"))
 

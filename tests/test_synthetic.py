@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,3 +223,55 @@ def test_unknown_words_fall_back_to_english():
         assert "lang" in str(e)
     else:
         raise AssertionError("lang='fr' accepted")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# query-like training text, field mentions, the attribute vocabulary
+
+def test_mentioned_fields_reads_what_a_caption_names():
+    a = "woman,long black hair,red striped t-shirt,blue jeans,white sneakers,black handbag"
+    assert captions.mentioned_fields(a, "A lady with long black hair in a red striped t-shirt.") == \
+        {"gender", "hair", "upper"}
+    # 'shirt' must not match 't-shirt', a colour alone is not the garment, a neutral noun is no gender
+    assert captions.mentioned_fields("man,bald,red shirt,unknown,black shoes,unknown",
+                                     "This person wears a red t-shirt and black shoes") == {"shoes"}
+
+
+def test_augment_caption_varies_structure_and_reports_its_fields():
+    a = "woman,long black hair,red coat,blue jeans,white sneakers,black handbag"
+    values = captions.parse_attributes(a)
+    rng = random.Random(0)
+    texts = set()
+    for i in range(300):
+        lang = "zh" if i % 4 == 0 else "en"
+        text, fields = captions.augment_caption(a, rng, lang)
+        assert text.strip() and fields and fields <= set(captions.ATTRIBUTE_FIELDS)
+        if lang == "en":
+            low = text.lower()
+            for f in fields - {"gender"}:  # every reported field is in the text (colour word at least)
+                assert values[f].split()[0] in low or f == "hair" and "hair" in low, (f, text)
+        texts.add(text)
+    assert len(texts) > 250  # structure, order, omissions, synonyms: almost never the same text twice
+    lens = sorted(len(t) for t in texts)
+    assert lens[0] < 25 and lens[-1] > 80  # fragments and long forms
+    assert any(":" in t for t in texts) and any("," not in t and " " in t for t in texts)
+    with pytest.raises(ValueError):
+        captions.augment_caption(a, rng, "fr")
+
+
+def test_attribute_vocab_targets():
+    attrs = ["man,short black hair,red shirt,blue jeans,black shoes,unknown",
+             "woman,long brown hair,red coat,black trousers,white sneakers,black handbag"] * 3
+    v = captions.AttributeVocab.build(attrs, min_count=3)
+    assert ("upper", "red") in v.words and ("carried", "handbag") in v.words
+    t, w = v.targets(attrs[0])
+    on = {v.words[i] for i in range(len(v)) if t[i]}
+    assert on == {("gender", "man"), ("hair", "short"), ("hair", "black"), ("hair", "hair"), ("upper", "red"),
+                  ("upper", "shirt"), ("lower", "blue"), ("lower", "jeans"), ("shoes", "black"), ("shoes", "shoes")}
+    assert all(w)  # an image is labelled on every field (no bag is a fact)
+    t, w = v.targets(attrs[1], {"upper"})
+    known = {v.words[i][0] for i in range(len(v)) if w[i]}
+    assert known == {"upper"} and {v.words[i] for i in range(len(v)) if t[i]} == {("upper", "red"), ("upper", "coat")}
+    rare = captions.AttributeVocab.build(attrs, min_count=4).words  # words seen 3 times are left out
+    assert ("upper", "red") in rare and ("upper", "shirt") not in rare and ("carried", "handbag") not in rare
+    assert v.targets(None) == ([0.0] * len(v), [0.0] * len(v))

@@ -29,7 +29,7 @@ def base_args(synth_data, cache, out, *extra):
     return [sys.executable, str(ROOT / "main.py"), "--data", synth_data, "--embedding_path", cache,
             "--output_dir", str(out), "--backbone", "mobile_tiny", "--text_backbone", "char_tiny",
             "--image_size", "64x32", "--feature_dim", "32", "--batch_size", "8", "--workers", "0",
-            "--warmup", "2", "--memory_size", "64", *extra]
+            "--warmup", "2", "--memory_size", "64", "--val_ratio", "0.2", *extra]  # val ids 1 and 11
 
 
 def logged_losses(text):

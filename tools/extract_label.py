@@ -44,6 +44,7 @@ from tqdm import tqdm
 
 import data
 import record_store
+from cli import fail
 from embedding_cache import FIELDS, CacheMismatchError, EmbeddingCache, summary, verify
 from teachers import DEFAULT_TEACHER, TeacherLoadError, attribute_text, load_teacher
 
@@ -82,7 +83,7 @@ class ImageRows(Dataset):
         img = data.load_image(self.paths[row])
         if img is not None:
             return row, img, "ok"
-        return row, None, "missing" if not os.path.isfile(self.paths[row]) else "corrupt"
+        return row, None, "missing" if not os.path.exists(self.paths[row]) else "corrupt"
 
 
 class CollateImages:
@@ -148,15 +149,15 @@ def main(args):
     fields = [f.strip() for f in args.fields.split(",") if f.strip()]
     bad = [f for f in fields if f not in FIELDS]
     if bad or not fields:
-        raise SystemExit(f"error: --fields {args.fields!r}: each must be one of {','.join(FIELDS)}")
+        fail(f"--fields {args.fields!r}: each must be one of {','.join(FIELDS)}")
     if args.batch_size < 1 or args.workers < 0 or args.max_batches < 0:
-        raise SystemExit("error: --batch_size must be >= 1, --workers and --max_batches >= 0")
+        fail("--batch_size must be >= 1, --workers and --max_batches >= 0")
     try:
         sha = data.dataset_hash(args.data)
     except FileNotFoundError:
-        raise SystemExit(f"error: {args.data}: no such file") from None
+        fail(f"{args.data}: no such file")
     except OSError as e:
-        raise SystemExit(f"error: {args.data}: cannot read ({e})") from None
+        fail(f"{args.data}: cannot read ({e})")
     try:  # a cache of other data or another teacher: refuse now, before building the store or loading a big model
         verify(args.embedding_path, dict(dataset_sha256=sha, teacher=args.teacher))
         # the memory-mapped record store (record_store.py), built here on first use by each node's local rank 0
@@ -169,7 +170,7 @@ def main(args):
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except data.DatasetError as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(f"{e}")
 
     device = args.device
     if world > 1:
@@ -181,7 +182,7 @@ def main(args):
         teacher = load_teacher(args.teacher, device, None if args.dtype == "auto" else args.dtype,
                                args.trust_remote_code)
     except TeacherLoadError as e:
-        raise SystemExit(f"error: {e}") from None
+        fail(f"{e}")
     zh = "embedded directly" if teacher.multilingual else "embedded as pivot_text (the parallel English caption)"
     manifest = dict(teacher=args.teacher, teacher_kind=teacher.kind, logit_scale=teacher.logit_scale,
                     logit_bias=teacher.logit_bias, dataset=os.path.abspath(args.data), dataset_sha256=sha,
@@ -271,4 +272,5 @@ if __name__ == "__main__":
     try:
         main(get_args_parser().parse_args())
     except KeyboardInterrupt:
-        raise SystemExit("interrupted: finished batches are saved; re-run the same command to resume") from None
+        print("interrupted: finished batches are saved; re-run the same command to resume", file=sys.stderr)
+        raise SystemExit(130) from None

@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import captions  # noqa: E402
+from cli import fail  # noqa: E402
 
 JSON_NAME = "synthpedes-dataset.json"
 # Garment palette: the colours captions name. Spaced apart so that "red" stays red under the lighting changes.
@@ -387,7 +388,7 @@ def generate(out, ids, images_per_id, seed=0, height=256, width=128, zh=True, wo
     """Write the dataset under out; returns the JSON path. Same arguments -> byte-identical files."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise SystemExit(f"error: --out {out} exists and is not a directory")
+        fail(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     jobs = [(str(out), seed, pid, images_per_id, height, width, zh) for pid in range(ids)]
     if workers > 1 and ids * images_per_id >= 200:
@@ -419,19 +420,19 @@ def get_args_parser(add_help=True):
 
 def main(args):
     if args.ids < 1 or args.images_per_id < 1:
-        raise SystemExit("error: --ids and --images_per_id must be >= 1")
+        fail("--ids and --images_per_id must be >= 1")
     if args.seed < 0:
-        raise SystemExit("error: --seed must be >= 0")
+        fail("--seed must be >= 0")
     if args.height < 32 or args.width < 16:
-        raise SystemExit("error: --height must be >= 32 and --width >= 16")
+        fail("--height must be >= 32 and --width >= 16")
     if args.workers < 1:
-        raise SystemExit("error: --workers must be >= 1")
+        fail("--workers must be >= 1")
     t0 = time.time()
     try:
         path = generate(args.out, args.ids, args.images_per_id, args.seed, args.height, args.width,
                         zh=not args.no_zh, workers=args.workers)
     except OSError as e:
-        raise SystemExit(f"error: cannot write to {args.out}: {e.strerror or e}") from None
+        fail(f"cannot write to {args.out}: {e.strerror or e}")
     print(f"wrote {args.ids * args.images_per_id} images of {args.ids} ids ({args.height}x{args.width}) "
           f"and {path} in {time.time() - t0:.1f}s")
 
