@@ -1,6 +1,7 @@
 """Dataset JSON readers, train/test split, caption rows, image transforms and the torch Datasets.
 
-The only module that reads a dataset JSON. Three formats load, detected per file:
+The only module that reads a dataset JSON, with record_store.py (which streams it through parse_record into
+memory-mapped columns that every rank shares). Three formats load, detected per file:
   SYNTH-PEDES  [{"id", "file_path", "captions", "captions_zh"?, "attributes"?, "prompt_caption"?, "split"?}, ...]
   CUHK-PEDES   reid_raw.json [{"split", "captions", "file_path", "processed_tokens"?, "id" (1-based)}, ...]
   RSTPReid     [{"id", "img_path", "captions", "split"}, ...]
@@ -8,6 +9,9 @@ Images are relative to the JSON's folder unless `image_root` is given.
 
 Inspect a dataset (record/identity/caption counts, split sizes, optionally decode every image):
   python data.py --data SYNTH-PEDES/synthpedes-dataset.json --check_images
+Build the record store once (memory-mapped columns + the image check; main.py and tools/extract_label.py then map
+it instead of parsing the JSON, see record_store.py):
+  python data.py --data SYNTH-PEDES/synthpedes-dataset.json --index
   python data.py --data CUHK-PEDES/reid_raw.json --image_root CUHK-PEDES/imgs
 """
 import argparse
@@ -93,6 +97,53 @@ def _first_str(rec, key, path, i):
     return v
 
 
+def parse_record(rec, path, i, root):
+    """One raw JSON record -> Record (ids not yet shifted, see id_shift); DatasetError names the record.
+    The one validation rule: load_records and the record store (record_store.py) both call it."""
+    if not isinstance(rec, dict):
+        raise DatasetError(f"{path}: record {i}: expected an object, got {type(rec).__name__}")
+    fp = rec.get("file_path", rec.get("img_path"))
+    if not isinstance(fp, str) or not fp:
+        raise DatasetError(f"{path}: record {i}: missing 'file_path' (or 'img_path')")
+    pid = rec.get("id")
+    if type(pid) is not int:  # bool is an int subclass, and 3.0 / "3" are not ids
+        raise DatasetError(f"{path}: record {i}: 'id' must be an integer, got {pid!r:.40}")
+    if not -2 ** 63 < pid < 2 ** 63:  # ids live in int64 arrays (metrics, samplers, the store); JSON has no bound
+        raise DatasetError(f"{path}: record {i}: 'id' {pid:.3g} does not fit in 64 bits")
+    captions = _str_list(rec, "captions", path, i, required=True)
+    captions_zh = _str_list(rec, "captions_zh", path, i, required=False)
+    if captions_zh and len(captions_zh) != len(captions):
+        raise DatasetError(f"{path}: record {i}: 'captions_zh' has {len(captions_zh)} entries but "
+                           f"'captions' has {len(captions)} (they must be parallel)")
+    split = rec.get("split")
+    if split is not None and not isinstance(split, str):
+        raise DatasetError(f"{path}: record {i}: 'split' must be a string")
+    return dict(id=pid, file_path=fp, image_path=os.path.join(root, fp), captions=captions,
+                captions_zh=captions_zh, attributes=_first_str(rec, "attributes", path, i),
+                prompt_caption=_first_str(rec, "prompt_caption", path, i),
+                split=split.strip().lower() if split else None, index=i)
+
+
+def id_shift(path, head, ids):
+    """1 when the file numbers identities from 1 (CUHK-PEDES), else 0; DatasetError on a negative id.
+    `head`: the first raw records (format sniffing), `ids`: every parsed id in record order."""
+    # CUHK-PEDES (reid_raw.json, recognised by its processed_tokens) numbers identities from 1. ICFG-PEDES has the
+    # same keys but starts at 0, so shift only when no id is 0: shifting never merges ids, but -1 would be wrong.
+    is_cuhk = os.path.basename(path) == "reid_raw.json" or any("processed_tokens" in r for r in head
+                                                               if isinstance(r, dict))
+    min_id, first_neg = None, None
+    for i, pid in enumerate(ids):
+        if min_id is None or pid < min_id:
+            min_id = pid
+        if pid < 0 and first_neg is None:
+            first_neg = (i, pid)
+    if is_cuhk and min_id >= 1:
+        return 1
+    if first_neg is not None:
+        raise DatasetError(f"{path}: record {first_neg[0]}: 'id' must be >= 0, got {first_neg[1]}")
+    return 0
+
+
 def load_records(json_path, image_root=None):
     """Read a dataset JSON into a list of Records (see the module docstring for the formats)."""
     path = str(json_path)
@@ -115,50 +166,29 @@ def load_records(json_path, image_root=None):
     if not raw:
         raise DatasetError(f"{path}: contains no records")
     root = os.path.abspath(image_root if image_root is not None else os.path.dirname(os.path.abspath(path)))
-    records = []
-    for i, rec in enumerate(raw):
-        if not isinstance(rec, dict):
-            raise DatasetError(f"{path}: record {i}: expected an object, got {type(rec).__name__}")
-        fp = rec.get("file_path", rec.get("img_path"))
-        if not isinstance(fp, str) or not fp:
-            raise DatasetError(f"{path}: record {i}: missing 'file_path' (or 'img_path')")
-        pid = rec.get("id")
-        if type(pid) is not int:  # bool is an int subclass, and 3.0 / "3" are not ids
-            raise DatasetError(f"{path}: record {i}: 'id' must be an integer, got {pid!r:.40}")
-        if not -2 ** 63 < pid < 2 ** 63:  # ids live in int64 arrays (metrics, samplers); JSON has no bound
-            raise DatasetError(f"{path}: record {i}: 'id' {pid:.3g} does not fit in 64 bits")
-        captions = _str_list(rec, "captions", path, i, required=True)
-        captions_zh = _str_list(rec, "captions_zh", path, i, required=False)
-        if captions_zh and len(captions_zh) != len(captions):
-            raise DatasetError(f"{path}: record {i}: 'captions_zh' has {len(captions_zh)} entries but "
-                               f"'captions' has {len(captions)} (they must be parallel)")
-        split = rec.get("split")
-        if split is not None and not isinstance(split, str):
-            raise DatasetError(f"{path}: record {i}: 'split' must be a string")
-        records.append(dict(id=pid, file_path=fp, image_path=os.path.join(root, fp), captions=captions,
-                            captions_zh=captions_zh, attributes=_first_str(rec, "attributes", path, i),
-                            prompt_caption=_first_str(rec, "prompt_caption", path, i),
-                            split=split.strip().lower() if split else None, index=i))
-    # CUHK-PEDES (reid_raw.json, recognised by its processed_tokens) numbers identities from 1. ICFG-PEDES has the
-    # same keys but starts at 0, so shift only when no id is 0: shifting never merges ids, but -1 would be wrong.
-    is_cuhk = os.path.basename(path) == "reid_raw.json" or any("processed_tokens" in r for r in raw[:100])
-    min_id = min(r["id"] for r in records)
-    if is_cuhk and min_id >= 1:
+    records = [parse_record(rec, path, i, root) for i, rec in enumerate(raw)]
+    shift = id_shift(path, raw[:100], (r["id"] for r in records))
+    if shift:
         for r in records:
-            r["id"] -= 1
-    elif min_id < 0:
-        i = next(i for i, r in enumerate(records) if r["id"] < 0)
-        raise DatasetError(f"{path}: record {i}: 'id' must be >= 0, got {records[i]['id']}")
+            r["id"] -= shift
     return records
 
 
+_HASHES = {}  # (path, inode, size, mtime_ns) -> sha256: the record store and the cache both pin a multi-GB JSON
+
+
 def dataset_hash(json_path):
-    """sha256 hex of the JSON file's bytes: the teacher cache manifest pins the dataset with it."""
-    h = hashlib.sha256()
-    with open(json_path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    """sha256 hex of the JSON file's bytes: the teacher cache manifest and the record store pin the dataset with it.
+    Hashed once per process per file version (same inode, size and mtime)."""
+    st = os.stat(json_path)
+    key = (os.path.abspath(json_path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(json_path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -166,6 +196,8 @@ def dataset_hash(json_path):
 
 def caption_offsets(records):
     """int64[N+1]: record r's caption rows are offsets[r] .. offsets[r+1]-1 (en first, then zh)."""
+    if hasattr(records, "caption_offsets"):  # a record_store.RecordStore holds them as a column
+        return records.caption_offsets()
     counts = np.fromiter((len(r["captions"]) + len(r["captions_zh"]) for r in records), np.int64, len(records))
     return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
@@ -242,6 +274,8 @@ def _image_status(path, decode):
 def check_images(records, indices=None, decode=True, num_threads=4):
     """Find usable images -> (ok_indices, n_missing, n_corrupt). Zero-byte files count as undecodable.
     Threads help because PIL releases the GIL while decoding."""
+    if hasattr(records, "checked_images"):  # a record store: checked once when it was built, never again
+        return records.checked_images(indices)
     indices = range(len(records)) if indices is None else indices
     idx = list(indices)
     paths = [records[i]["image_path"] for i in idx]
@@ -320,8 +354,11 @@ class DistillDataset(Dataset):
         self.compose_prob, self.compose_zh_prob = float(compose_prob), float(compose_zh_prob)
         self.augment_prob, self.attr_vocab = float(augment_prob), attr_vocab
         self.max_seq_length, self.vocab_size, self.seed, self.epoch = max_seq_length, vocab_size, seed, 0
-        gen = self.compose_prob > 0 or self.augment_prob > 0
-        keep = [int(r) for r in indices if self._rows(int(r)) or (gen and records[r]["attributes"])]
+        gen = self.compose_prob > 0 or self.augment_prob > 0  # captions can be generated from the attributes
+        if hasattr(records, "usable"):  # a record store: the same rule on its columns, no per-record objects
+            keep = records.usable(indices, self.langs, gen)
+        else:
+            keep = [int(r) for r in indices if self._rows(int(r)) or (gen and records[r]["attributes"])]
         self.indices = np.asarray(keep, dtype=np.int64)
         self.n_dropped = len(indices) - len(keep)
         if len(self.indices) == 0:
@@ -463,15 +500,31 @@ def get_args_parser(add_help=True):
     p.add_argument("--test_ratio", type=float, default=0.1, help="identity hold-out when the JSON has no split")
     p.add_argument("--check_images", action="store_true", help="decode every image and count the bad ones")
     p.add_argument("--num_threads", type=int, default=4)
+    p.add_argument("--index", action="store_true",
+                   help="build the record store (record_store.py) if it is missing or stale, then summarise from it")
+    p.add_argument("--record_store", default=None, help="record store folder (default: <json stem>.records beside it)")
+    p.add_argument("--image_check", default="auto", choices=["auto", "decode", "header", "none"],
+                   help="image check run once by --index: auto = decode up to 200k records, header-only above")
     return p
 
 
 def main(args):
     try:
-        records = load_records(args.data, args.image_root)
+        if args.index:
+            import record_store
+            records = record_store.ensure(args.data, args.image_root, args.record_store, args.image_check,
+                                          num_threads=args.num_threads)
+            print(records.summary())
+        else:
+            records = load_records(args.data, args.image_root)
         train, test = (split_records(records, args.test_ratio, s) for s in ("train", "test"))
     except (DatasetError, ValueError) as e:
         fail(f"{e}")
+    if args.index:  # counts come from the store's columns: no pass over millions of records here
+        ids = records.ids
+        print(f"split: {len(train)} train / {len(test)} test images, "
+              f"{len(np.unique(ids[train]))} / {len(np.unique(ids[test]))} identities")
+        return
     n_zh = sum(len(r["captions_zh"]) for r in records)
     print(f"{args.data}: {len(records)} images, {len({r['id'] for r in records})} identities, "
           f"{len(caption_rows(records)) - n_zh} en + {n_zh} zh captions, "

@@ -3,7 +3,8 @@
 Layout of an --embedding_path directory:
   manifest.json              teacher, kind, dim, dataset sha256, row counts, preprocessing, format version
   <field>.npy                float16 [N, D], L2-normalised, row order = dataset order (np.lib.format.open_memmap)
-  <field>.done.npy           bool [N]: rows that hold a teacher embedding (resume + `has_embedding` in training)
+  <field>.done.npy           bool [N]: rows that hold a teacher embedding (resume + `has_embedding` in training);
+                             updated in place per batch (only the batch's bytes), never rewritten whole
   <field>.done.rank<r>.npy   per-rank done masks of a torchrun extraction, folded into <field>.done.npy at its end
 for the fields image, caption, attributes, prompt_caption.
 
@@ -68,6 +69,37 @@ def _atomic_json(path, obj):
     os.replace(tmp, path)
 
 
+class _RowFile:
+    """In-place writer of rows of a 1-d/2-d .npy: os.pwrite of the changed byte ranges only, so a batch costs the
+    same at 10k rows and at 12M (a whole-mask rewrite per batch made extraction quadratic in N). pwrite rather than a
+    shared mmap: on a network filesystem written by several nodes, a dirty page would carry back a neighbour rank's
+    stale rows; byte-range writes never touch another rank's rows."""
+
+    def __init__(self, path, n, row_bytes, dtype):
+        self.path, self.n, self.row_bytes = path, int(n), int(row_bytes)
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dt = read(f)
+            self.offset = f.tell()
+        if shape[0] != self.n or fortran or dt != np.dtype(dtype):
+            raise CacheMismatchError(f"{path}: is {dt}{list(shape)}, expected {np.dtype(dtype)}[{self.n}, ...]")
+        self.fd = os.open(path, os.O_RDWR)
+
+    def write(self, rows, values):
+        """rows int64 sorted ascending, values [len(rows), ...] C-contiguous: one pwrite per run of adjacent rows."""
+        buf = memoryview(np.ascontiguousarray(values)).cast("B")
+        cuts = np.flatnonzero(np.diff(rows) != 1) + 1
+        for a, b in zip(np.concatenate([[0], cuts]), np.concatenate([cuts, [len(rows)]])):
+            os.pwrite(self.fd, buf[a * self.row_bytes:b * self.row_bytes], self.offset + int(rows[a]) * self.row_bytes)
+
+    def sync(self):
+        os.fdatasync(self.fd)  # the rows reach the disk before the done mask that vouches for them
+
+    def close(self):
+        os.close(self.fd)
+
+
 def _short(v):
     s = json.dumps(v, ensure_ascii=False, sort_keys=True) if not isinstance(v, str) else v
     return s if len(s) <= 80 else s[:77] + "..."
@@ -120,7 +152,7 @@ class EmbeddingCache:
 
     def __init__(self, path, manifest, mode="r", shard=None):
         self.path, self.manifest, self.mode, self.shard = str(path), manifest, mode, shard
-        self._arrays, self._done = {}, {}
+        self._arrays, self._done, self._writers = {}, {}, {}
         self._bad = {}  # field -> rows marked done whose values are unusable (kept across pickling: workers too)
 
     # -- construction -------------------------------------------------------------------------------------------
@@ -293,7 +325,7 @@ class EmbeddingCache:
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_arrays"], state["_done"] = {}, {}  # a memmap would pickle as a full in-memory copy
+        state["_arrays"], state["_done"], state["_writers"] = {}, {}, {}  # a memmap would pickle as a full copy
         return state
 
     def array(self, field):
@@ -346,9 +378,20 @@ class EmbeddingCache:
         name = f"{field}.done.npy" if self.shard is None else f"{field}.done.rank{self.shard}.npy"
         return os.path.join(self.path, name)
 
+    def _writer(self, field):
+        """(data rows, done-mask bytes) writers of `field`; this shard's mask file is created on first use."""
+        if field not in self._writers:
+            n, dpath = self.manifest["counts"][field], self._done_path(field)
+            if not os.path.exists(dpath):
+                _atomic_save(dpath, np.zeros(n, dtype=bool))
+            self._writers[field] = (_RowFile(os.path.join(self.path, f"{field}.npy"), n, 2 * self.dim, np.float16),
+                                    _RowFile(dpath, n, 1, bool))
+        return self._writers[field]
+
     def write(self, field, rows, emb):
-        """Store embeddings of `rows`: L2-normalise, write, flush to disk, then mark them done (atomically), so an
-        interruption never leaves a row marked done without its data."""
+        """Store embeddings of `rows`: L2-normalise, write them in place, sync them to disk, then set their bytes
+        of the done mask in place, so an interruption (even kill -9) never leaves a row marked done without its
+        data, and a batch writes O(batch) bytes whatever N is."""
         if self.mode != "r+":
             raise PermissionError(f"{self.path}: cache opened read-only")
         rows = np.asarray(rows, dtype=np.int64)
@@ -360,16 +403,37 @@ class EmbeddingCache:
         norm = np.linalg.norm(emb, axis=1, keepdims=True)
         if not np.all(np.isfinite(norm)) or np.any(norm == 0):
             raise ValueError(f"{field}: teacher returned a zero or non-finite embedding")
-        arr = self.array(field)
-        arr[rows] = (emb / norm).astype(np.float16)
-        arr.flush()
+        n = self.manifest["counts"][field]
+        if rows.min() < 0 or rows.max() >= n:
+            raise ValueError(f"{field}: rows outside 0..{n - 1}")
+        order = np.argsort(rows, kind="stable")
+        rows, emb = rows[order], (emb / norm).astype(np.float16)[order]
+        data_file, done_file = self._writer(field)
+        data_file.write(rows, emb)
+        data_file.sync()
         done = self.done(field)
         done[rows] = True
-        _atomic_save(self._done_path(field), done)
+        done_file.write(rows, np.ones(len(rows), dtype=bool))
+        if field in self._bad:  # rewritten rows are good again, also if the mask is read anew
+            self._bad[field] = np.setdiff1d(self._bad[field], rows)
+
+    def close(self):
+        """Release the writers' file descriptors (also done when the object is garbage-collected)."""
+        for w in self._writers.values():
+            for f in w:
+                f.close()
+        self._writers = {}
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
 
     def merge_done(self):
         """Fold the per-rank done masks into <field>.done.npy and remove them (rank 0, after all ranks finished).
         Safe to interrupt: the main mask is replaced before any shard goes, and shards are subsets of it."""
+        self.close()  # this rank's shard writer points at a file about to be folded in and removed
         for f in FIELDS:
             shards = self._shard_files(self.path, f)
             if not shards:

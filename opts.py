@@ -27,6 +27,7 @@ def get_args_parser(add_help=False):
     g = p.add_argument_group("data")
     g.add_argument("--data", default="SYNTH-PEDES/synthpedes-dataset.json", help="dataset JSON (SYNTH-PEDES, CUHK-PEDES reid_raw.json or RSTPReid)")
     g.add_argument("--image_root", default=None, help="folder the JSON's image paths are relative to (default: the JSON's folder)")
+    g.add_argument("--record_store", default=None, help="record store folder (record_store.py; default <json stem>.records beside the JSON, built on first use)")
     g.add_argument("--embedding_path", default="embeddings", help="teacher cache written by tools/extract_label.py")
     g.add_argument("--test_ratio", type=float, default=0.1, help="identities held out for test when the JSON has no split")
     g.add_argument("--val_ratio", type=float, default=0.05,

@@ -228,6 +228,35 @@ def test_resume_computes_only_the_rest(tiny_models, synth_data, tmp_path, monkey
         assert np.array_equal(a.array(f), b.array(f)) and np.array_equal(a.done(f), b.done(f)), f
 
 
+def test_kill_9_between_rows_and_mask_resumes_exactly(synth_data, tmp_path):
+    """kill -9 after a batch's rows are written and synced but before its done bytes: the cache keeps the first
+    batches' rows marked done (each with its data), the killed batch not done; a re-run computes exactly the rest."""
+    data_json = subset(synth_data, tmp_path / "d", 6)
+    driver = (f"import os, signal, sys; sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tools')!r}]\n"
+              "import embedding_cache, extract_label\n"
+              "orig, calls = embedding_cache._RowFile.sync, []\n"
+              "def sync(self):\n"
+              "    calls.append(1)\n"
+              "    orig(self)\n"
+              "    if len(calls) == 3: os.kill(os.getpid(), signal.SIGKILL)\n"
+              "embedding_cache._RowFile.sync = sync\n"
+              "extract_label.main(extract_label.get_args_parser().parse_args(sys.argv[1:]))\n")
+    argv = ["--data", str(data_json), "--embedding_path", str(tmp_path / "emb"), "--teacher", "attributes",
+            "--workers", "0", "--device", "cpu", "--batch_size", "4", "--fields", "caption"]
+    r = subprocess.run([sys.executable, "-c", driver, *argv], capture_output=True, text=True, env=ENV, timeout=300)
+    assert r.returncode == -9, r.stderr[-2000:]
+    part = EmbeddingCache.open(tmp_path / "emb")
+    done, arr = part.done("caption"), part.array("caption").astype(np.float32)
+    assert done.tolist() == [True] * 8 + [False] * (len(done) - 8)  # two whole batches, not the third
+    assert np.allclose(np.linalg.norm(arr[done], axis=1), 1, atol=2e-3)
+    again = extract(data_json, tmp_path / "emb", "attributes", "--batch_size", 4, "--fields", "caption")
+    assert again["computed"]["caption"] == len(done) - 8
+    full = extract(data_json, tmp_path / "full", "attributes", "--batch_size", 4, "--fields", "caption")
+    a, b = EmbeddingCache.open(tmp_path / "emb"), EmbeddingCache.open(tmp_path / "full")
+    assert np.array_equal(a.done("caption"), b.done("caption")) and a.done("caption").all()
+    assert np.array_equal(a.array("caption"), b.array("caption"))  # same batches as an uninterrupted run
+
+
 def test_refuses_mismatched_cache(tiny_models, synth_data, tmp_path):
     data_a = subset(synth_data, tmp_path / "a", 3)
     data_b = subset(synth_data, tmp_path / "b", 4)
@@ -259,8 +288,12 @@ def test_offline_hub_id_is_one_line(synth_data, tmp_path, monkeypatch, capsys):
         extract_label.main(extract_label.get_args_parser().parse_args(
             ["--data", str(data_json), "--embedding_path", str(tmp_path / "emb")]))
     assert e.value.code == 2  # bad input (cli.py)
-    msg = capsys.readouterr().err.strip()
-    assert msg.startswith("error: could not load teacher google/siglip2-so400m-patch16-512: ") and "\n" not in msg
+    # the record store is built first (its notice and progress bars come before the error)
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith(("record store", "image check ("))]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    msg = lines[0]
+    assert msg.startswith("error: could not load teacher google/siglip2-so400m-patch16-512: ")
     assert msg.endswith("(offline? pass a local path)")
     assert not (tmp_path / "emb").exists()  # nothing written when the teacher cannot load
     with pytest.raises(SystemExit) as e:
@@ -302,6 +335,36 @@ def test_torchrun_shards_match_single_process(tiny_models, synth_data, tmp_path)
     for f in FIELDS:
         assert b.done(f).all()
         assert np.allclose(a.array(f).astype(np.float32), b.array(f).astype(np.float32), atol=2e-3), f
+
+
+def test_two_nodes_attribute_teacher_match_one_rank(synth_data, tmp_path):
+    """Two torchrun 'nodes' (--nnodes 2, one gloo rank each, rendezvous on 127.0.0.1) shard the rows by global rank
+    into one cache; it equals a 1-rank run. Both nodes' local rank 0 find no record store: one builds it, the other
+    waits on its lock and uses it."""
+    import socket
+    data_json = subset(synth_data, tmp_path / "d", 7)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+                               "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+                               str(ROOT / "tools/extract_label.py"), "--data", str(data_json), "--embedding_path",
+                               str(tmp_path / "two"), "--teacher", "attributes", "--workers", "0", "--device", "cpu",
+                               "--batch_size", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=ENV) for node in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+    one = extract(data_json, tmp_path / "one", "attributes", "--batch_size", 5)
+    n_cap = one["eligible"]["caption"]
+    assert f"computed: image 7  caption {n_cap}  attributes 7  prompt_caption 7" in outs[0][0]  # summed over ranks
+    assert not [n for n in os.listdir(tmp_path / "two") if ".rank" in n or ".tmp" in n]
+    assert not [n for n in os.listdir(tmp_path / "d") if ".tmp." in n or ".old." in n]  # one store, published once
+    a, b = EmbeddingCache.open(tmp_path / "one"), EmbeddingCache.open(tmp_path / "two")
+    assert a.manifest == b.manifest
+    for f in FIELDS:
+        assert np.array_equal(a.done(f), b.done(f)) and a.done(f).all(), f
+        assert np.allclose(a.array(f).astype(np.float32), b.array(f).astype(np.float32), atol=1e-3), f
 
 
 # ---------------------------------------------------------------------------------------------------------------

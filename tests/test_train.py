@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -165,3 +166,36 @@ def test_sampler_pk_runs_resume_and_rank_split():
     assert order(start=3) == full[12:]  # resume skips whole batches by index
     r0, r1 = order(rank=0, ws=2, bs=2), order(rank=1, ws=2, bs=2)
     assert sorted(r0 + r1) == sorted(full) and r0 == full[0::2]
+
+
+def _reference_order(n, bs, ws, rank, seed, epoch, groups, k):
+    """The sampler as first written (Python lists per id): the array version must give the very same order."""
+    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    if k > 1:
+        by_id = {}
+        for i, gr in enumerate(groups):
+            by_id.setdefault(int(gr), []).append(i)
+        runs = []
+        for items in [by_id[x] for x in sorted(by_id)]:
+            items = [items[j] for j in torch.randperm(len(items), generator=g).tolist()]
+            runs += [items[j:j + k] for j in range(0, len(items), k)]
+        perm = [i for j in torch.randperm(len(runs), generator=g).tolist() for i in runs[j]]
+    else:
+        perm = torch.randperm(n, generator=g).tolist()
+    out = []
+    for b in range(n // (bs * ws)):
+        out += perm[b * bs * ws:(b + 1) * bs * ws][rank::ws]
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_sampler_equals_reference(k):
+    from main import ResumableSampler
+    rng = np.random.default_rng(k)
+    groups = rng.integers(0, 60, size=500)  # ids of 1..20 items, in random record order
+    for epoch, ws, rank in ((0, 1, 0), (3, 2, 1), (5, 3, 2)):
+        s = ResumableSampler(len(groups), 7, rank, ws, seed=11, groups=groups.tolist(), instances_per_id=k)
+        s.set_epoch(epoch)
+        got = list(s)
+        assert got == _reference_order(len(groups), 7, ws, rank, 11, epoch, groups, k)
+        assert all(type(i) is int for i in got[:5])

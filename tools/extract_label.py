@@ -2,17 +2,25 @@
 
 Fields: image (the pixels; for the attribute teacher the ground-truth attributes), caption (caption_rows order;
 a non-multilingual teacher embeds zh rows through their English pivot_text), attributes and prompt_caption (rows
-of records that have them; the others stay not-done). Resumable: rows already done are skipped, and every batch
-is flushed and its done-mask saved atomically, so a kill -9 loses at most one batch.
+of records that have them; the others stay not-done). Resumable: rows already done are skipped; each batch's rows
+are written in place and synced, then their bytes of the done mask are set in place (never the whole mask), so a
+kill -9 loses at most one batch and a batch costs the same at 10k rows and at 12M. Records come from the
+memory-mapped record store (record_store.py), built on first use; build it once beforehand with
+`python data.py --data X.json --index` for big datasets.
 
 Single GPU (or CPU):
   python tools/extract_label.py --data SYNTH-PEDES/synthpedes-dataset.json --embedding_path embeddings
   python tools/extract_label.py --data data.json --embedding_path emb --teacher /models/siglip2-so400m-patch16-512
 Offline attribute teacher (packaged all-MiniLM-L6-v2, no download):
   python tools/extract_label.py --data data.json --embedding_path embeddings --teacher attributes
-Several GPUs (rank r embeds rows i % world_size == r into the same memmaps, one node):
+Several GPUs, one node (rank r of world w embeds rows i % w == r into the same files):
   torchrun --nproc_per_node=4 tools/extract_label.py --data SYNTH-PEDES/synthpedes-dataset.json \
       --embedding_path embeddings
+Several nodes (the same command on every node, --node_rank 0..N-1; rows are sharded over all nnodes x nproc
+ranks by global rank; --embedding_path and the record store must be on a filesystem every node sees, e.g. NFS):
+  torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST0:29500 \
+      --rdzv_id=extract1 tools/extract_label.py --data /shared/SYNTH-PEDES/synthpedes-dataset.json \
+      --embedding_path /shared/embeddings
 Custom-code teacher:
   python tools/extract_label.py --data data.json --embedding_path emb_mexma --teacher visheratin/mexma-siglip2 \
       --trust_remote_code
@@ -28,12 +36,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 import data
+import record_store
 from cli import fail
 from embedding_cache import FIELDS, CacheMismatchError, EmbeddingCache, summary, verify
 from teachers import DEFAULT_TEACHER, TeacherLoadError, attribute_text, load_teacher
@@ -45,6 +55,8 @@ def get_args_parser(add_help=True):
     p.add_argument("--embedding_path", default="embeddings", help="cache folder (created, or resumed)")
     p.add_argument("--teacher", default=DEFAULT_TEACHER, help="hub id, local model folder, or attributes[:<dir>]")
     p.add_argument("--image_root", default=None, help="image folder (default: the JSON's folder)")
+    p.add_argument("--record_store", default=None, help="record store folder (record_store.py; default "
+                   "<json stem>.records beside the JSON, built on first use)")
     p.add_argument("--batch_size", type=int, default=64)
     p.add_argument("--fields", default=",".join(FIELDS), help=f"comma list of {','.join(FIELDS)}")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 (torchrun: cuda:LOCAL_RANK)")
@@ -67,7 +79,7 @@ class ImageRows(Dataset):
         return len(self.rows)
 
     def __getitem__(self, i):
-        row = self.rows[i]
+        row = int(self.rows[i])
         img = data.load_image(self.paths[row])
         if img is not None:
             return row, img, "ok"
@@ -88,17 +100,39 @@ class CollateImages:
         return [r for r, _ in ok], inputs, n_missing, n_corrupt
 
 
-def field_inputs(field, records, cap_rows, teacher):
-    """{row: text} for text inputs, or {row: image path} for the image field of an image teacher. Rows that are
-    absent have nothing to embed (no attributes / prompt_caption) and stay not-done."""
-    if field == "caption":  # an English-only teacher embeds a zh caption through its parallel English one
-        return {i: (text if teacher.multilingual else pivot) for i, (_, _, text, pivot) in enumerate(cap_rows)}
-    if field == "image" and teacher.kind != "attributes":
-        return {i: r["image_path"] for i, r in enumerate(records)}
-    if field in ("image", "attributes"):  # the attribute teacher's image is the text of its attributes
-        return {i: attribute_text(r["attributes"]) for i, r in enumerate(records)
-                if r["attributes"] and attribute_text(r["attributes"])}
-    return {i: r["prompt_caption"] for i, r in enumerate(records) if r["prompt_caption"]}
+class FieldInputs:
+    """What to embed for one field, read from the record store on demand (a dict of 12M caption strings per rank
+    would cost gigabytes): `rows` int64, the rows that have an input; inputs[row] is a text, or an image path for the
+    image field of an image teacher. Rows not in `rows` (no attributes / prompt_caption) stay not-done."""
+
+    def __init__(self, store, field, teacher):
+        self.store = store
+        if field == "caption":  # an English-only teacher embeds a zh caption through its parallel English one
+            self.kind, self.rows = ("caption" if teacher.multilingual else "pivot"), np.arange(store.n_captions)
+        elif field == "image" and teacher.kind != "attributes":
+            self.kind, self.rows = "path", np.arange(len(store))
+        elif field in ("image", "attributes"):  # the attribute teacher's image is the text of its attributes
+            has = store.nonempty("attributes")
+            self.kind = "attributes"
+            self.rows = np.array([i for i in np.flatnonzero(has).tolist()
+                                  if attribute_text(store.optional("attributes", i))], dtype=np.int64)
+        else:
+            self.kind, self.rows = "prompt_caption", np.flatnonzero(store.nonempty("prompt_caption"))
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, row):
+        s, row = self.store, int(row)
+        if self.kind == "path":
+            return s.image_path(row)
+        if self.kind == "caption":
+            return s.caption_text(row)
+        if self.kind == "pivot":
+            return s.caption_text(s.pivot_rows([row])[0])
+        if self.kind == "attributes":
+            return attribute_text(s.optional("attributes", row))
+        return s.optional("prompt_caption", row)
 
 
 def embed_unique(teacher, texts):
@@ -119,17 +153,24 @@ def main(args):
     if args.batch_size < 1 or args.workers < 0 or args.max_batches < 0:
         fail("--batch_size must be >= 1, --workers and --max_batches >= 0")
     try:
-        records = data.load_records(args.data, args.image_root)
         sha = data.dataset_hash(args.data)
-    except (data.DatasetError, OSError) as e:
-        fail(f"{e}")
-    cap_rows = data.caption_rows(records)
-    counts = dict(image=len(records), caption=len(cap_rows), attributes=len(records), prompt_caption=len(records))
-    try:  # a cache of other data or another teacher: refuse now, before loading a big model
+    except FileNotFoundError:
+        fail(f"{args.data}: no such file")
+    except OSError as e:
+        fail(f"{args.data}: cannot read ({e})")
+    try:  # a cache of other data or another teacher: refuse now, before building the store or loading a big model
+        verify(args.embedding_path, dict(dataset_sha256=sha, teacher=args.teacher))
+        # the memory-mapped record store (record_store.py), built here on first use by each node's local rank 0
+        store = record_store.ensure(args.data, args.image_root, args.record_store, builder=local_rank == 0,
+                                    progress=rank == 0, sha=sha)
+        n = len(store)
+        counts = dict(image=n, caption=store.n_captions, attributes=n, prompt_caption=n)
         verify(args.embedding_path, dict(dataset_sha256=sha, counts=counts, teacher=args.teacher))
     except CacheMismatchError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except data.DatasetError as e:
+        fail(f"{e}")
 
     device = args.device
     if world > 1:
@@ -173,20 +214,22 @@ def main(args):
     n_missing = n_corrupt = n_batches = 0
     stopped = False
     for field in FIELDS:
-        inputs = field_inputs(field, records, cap_rows, teacher)
+        inputs = FieldInputs(store, field, teacher)
         eligible[field] = len(inputs)
         if field not in fields or stopped:
             continue
         done = cache.done(field)
-        pending = [i for i in inputs if not done[i] and i % world == rank]
-        bar = tqdm(total=len(pending), desc=f"{field}", unit="row", disable=rank != 0 or not pending,
+        rows = inputs.rows  # rank r of world w embeds rows i % w == r, over every node (RANK/WORLD_SIZE are global)
+        pending = rows[~done[rows] & (rows % world == rank)]  # int64: 8 bytes a row, not a Python int
+        bar = tqdm(total=len(pending), desc=f"{field}", unit="row", disable=rank != 0 or not len(pending),
                    dynamic_ncols=True)
         if field == "image" and teacher.kind != "attributes":
             loader = DataLoader(ImageRows(inputs, pending), batch_size=args.batch_size, shuffle=False,
                                 num_workers=args.workers, collate_fn=CollateImages(teacher.image_inputs))
             batches = iter(loader)
         else:
-            batches = ((pending[b:b + args.batch_size], None, 0, 0) for b in range(0, len(pending), args.batch_size))
+            batches = ((pending[b:b + args.batch_size].tolist(), None, 0, 0)
+                       for b in range(0, len(pending), args.batch_size))
         for rows, image_inputs, nm, nc in batches:
             if args.max_batches and n_batches >= args.max_batches:
                 stopped = True
