@@ -254,7 +254,9 @@ def test_kill_9_between_rows_and_mask_resumes_exactly(synth_data, tmp_path):
     full = extract(data_json, tmp_path / "full", "attributes", "--batch_size", 4, "--fields", "caption")
     a, b = EmbeddingCache.open(tmp_path / "emb"), EmbeddingCache.open(tmp_path / "full")
     assert np.array_equal(a.done("caption"), b.done("caption")) and a.done("caption").all()
-    assert np.array_equal(a.array("caption"), b.array("caption"))  # same batches as an uninterrupted run
+    # same rows, same batches as an uninterrupted run; equal to float16 rounding (bitwise only single-threaded:
+    # the killed run and the reference are different processes, and 2-thread GEMMs need not agree to the last bit)
+    assert np.allclose(a.array("caption").astype(np.float32), b.array("caption").astype(np.float32), atol=2e-3)
 
 
 def test_refuses_mismatched_cache(tiny_models, synth_data, tmp_path):
