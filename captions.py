@@ -422,16 +422,9 @@ _ZH_SEPS = ["，", "、", " ", "；", "和", ",", ""]
 
 
 def _synonym(phrase, rng, p):
-    """Replace words (and 2-word terms) of an English phrase by alternatives with probability p each."""
-    words, out, i = phrase.split(), [], 0
-    while i < len(words):
-        w = words[i]
-        if w in EN_SYNONYMS and rng.random() < p:
-            out.append(rng.choice(EN_SYNONYMS[w]))
-        else:
-            out.append(w)
-        i += 1
-    return " ".join(out)
+    """Replace each word of an English phrase that has alternatives by one of them, with probability p."""
+    return " ".join(rng.choice(EN_SYNONYMS[w]) if w in EN_SYNONYMS and rng.random() < p else w
+                    for w in phrase.split())
 
 
 def _colour_last(phrase, rng):

@@ -355,14 +355,8 @@ def amp_plan(args):
     return d, d
 
 
-def amp_dtype(args):
-    """The dtype that needs a GradScaler (fp16 anywhere), else the first reduced dtype in use, else None."""
-    plan = [d for d in amp_plan(args) if d is not None]
-    return torch.float16 if torch.float16 in plan else (plan[0] if plan else None)
-
-
 def use_channels_last(args):
-    return args.channels_last == "1" or (args.channels_last == "auto")
+    return args.channels_last != "0"  # auto = on
 
 
 # ----------------------------------------------------------------------------- evaluation hook
@@ -511,8 +505,7 @@ def main(args):
 
         optimizer = torch.optim.AdamW(param_groups(distiller, args.weight_decay), lr=args.lr, betas=(0.9, 0.98))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_factory(args))
-        dtype = amp_dtype(args)
-        scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        scaler = torch.amp.GradScaler(device.type, enabled=torch.float16 in (image_dtype, text_dtype))
         state = {"step": 0, "batches": 0, "bad_steps": 0, "bad_total": 0, "best_r1": -1.0}
         if ckpt:
             if type(ckpt.get("step")) is not int or ckpt["step"] < 0:

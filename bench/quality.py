@@ -319,11 +319,12 @@ def attr_r1(query_emb, query_pids, named, gallery_emb, gallery_pids, gallery_att
 
 
 def score_sets(sets, embed, gallery_emb, gallery_pids, gallery_attrs):
-    """{"paraphrase_r1": {set: identity R@1}, "attr_r1": {set: attribute-match R@1}} with embed(texts) -> [n, D]."""
+    """{"paraphrase_r1": {set: identity R@1}, "attr_r1": {set: attribute-match R@1}} with embed(set name, texts)
+    -> [n, D]."""
     import numpy as np
     out = {"paraphrase_r1": {}, "attr_r1": {}}
     for name, (texts, pids, named) in sets.items():
-        q = embed(texts)
+        q = embed(name, texts)
         pids = np.array(pids, np.int64)
         out["paraphrase_r1"][name] = r1(q, pids, gallery_emb, gallery_pids)
         out["attr_r1"][name] = attr_r1(q, pids, named, gallery_emb, gallery_pids, gallery_attrs)
@@ -350,10 +351,9 @@ def eval_teacher(records, test_idx, cache, sets, teacher):
                n_identities=len(set(sel["img_pids"].tolist())))
     emb = {}
 
-    def embed(texts, _names=iter(sets)):
-        e = teacher.embed_texts(texts) if texts else np.zeros((0, img.shape[1]), np.float32)
-        emb[next(_names)] = e
-        return e
+    def embed(name, texts):
+        emb[name] = teacher.embed_texts(texts) if texts else np.zeros((0, img.shape[1]), np.float32)
+        return emb[name]
     attrs = [records[r]["attributes"] for r in sel["img_rows"]]
     out.update(score_sets(sets, embed, img, sel["img_pids"], attrs))
     return out, emb
@@ -408,7 +408,7 @@ def eval_student(path, records, test_idx, sets, device):
     out = core_figures(res)
     out.update(checkpoint=str(path), step=step, n_images=len(idx), n_captions=len(emb["cap_texts"]))
     attrs = [records[r]["attributes"] for r in idx]
-    out.update(score_sets(sets, lambda t: embed_texts(model, t, cfg, device), emb["img_emb"], emb["img_pids"], attrs))
+    out.update(score_sets(sets, lambda _, t: embed_texts(model, t, cfg, device), emb["img_emb"], emb["img_pids"], attrs))
     return out, emb
 
 
@@ -442,8 +442,7 @@ def eval_text_only(path, records, test_idx, cache, sets, teacher_emb, teacher_mu
                "new-zh": teacher_emb["new-zh"] if teacher_multilingual else teacher_emb["new-en"]}
     out["mean_cos_to_teacher"], qs = {}, {}
 
-    def embed(texts, _names=iter(sets)):
-        name = next(_names)
+    def embed(name, texts):
         qs[name] = embed_texts(model, texts, cfg, device)
         return qs[name]
     attrs = [records[r]["attributes"] for r in idx]
