@@ -8,16 +8,18 @@ set -euo pipefail
 cd "$(dirname "$0")"
 OUT=${OUT:-quickstart_out}
 PY=${PYTHON:-python3}
-IDS=${IDS:-1000}
-ITERS=${ITERS:-1500}
+IDS=${IDS:-1000}              # identities the held-out test/validation ids are drawn from
+EXTRA_IDS=${EXTRA_IDS:-4000}  # more training-only identities: more people to learn from, the same test ids
+ITERS=${ITERS:-1100}
 export OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 step() { printf '\n==== %s\n' "$*"; }
 
 step "0/8 install (requirements.txt; quick when already installed)"
 bash tools/install.sh
 
-step "1/8 synthetic SYNTH-PEDES data: $IDS identities x 4 images"
-$PY tools/make_synthetic_pedes.py --out "$OUT/data" --ids "$IDS" --images_per_id 4 --seed 0
+step "1/8 synthetic SYNTH-PEDES data: $IDS identities (+ $EXTRA_IDS training-only) x 4 images"
+$PY tools/make_synthetic_pedes.py --out "$OUT/data" --ids "$IDS" --extra_train_ids "$EXTRA_IDS" --images_per_id 4 \
+  --seed 0
 DATA="$OUT/data/synthpedes-dataset.json"
 
 step "2/8 teacher cache (offline attribute teacher: all-MiniLM-L6-v2)"
@@ -28,7 +30,7 @@ $PY evaluation_labels.py --data "$DATA" --embedding_path "$OUT/embeddings" --top
 
 step "4/8 train the student ($ITERS iterations, CPU)"
 $PY main.py --data "$DATA" --embedding_path "$OUT/embeddings" --output_dir "$OUT/logs" --run_name quickstart \
-  --resume auto --backbone res_tiny --text_backbone char_tiny --image_size 128x64 --feature_dim 256 \
+  --resume auto --backbone res_tiny --text_backbone char_tiny --image_size 192x96 --feature_dim 256 \
   --batch_size 64 --instances_per_id 4 --iters "$ITERS" --warmup 50 --lr 2e-3 --eval_every 500 --save_every 500 \
   --log_every 100 --workers 2
 RUN="$OUT/logs/expModel-res_tiny-128x64-256/quickstart"

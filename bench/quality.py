@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 # ---------------------------------------------------------------------------------------------------------------
 # The recipe: main.py flags of the student (tune here). --iters comes from the size below.
 RECIPE = {
-    "backbone": "res_tiny", "text_backbone": "char_tiny", "image_size": "128x64", "feature_dim": 256,
+    "backbone": "res_tiny", "text_backbone": "char_tiny", "image_size": "192x96", "feature_dim": 256,
     "max_seq_length": 128, "batch_size": 64, "instances_per_id": 4, "lr": 2e-3, "warmup": 50,
     "workers": 2, "log_every": 100, "eval_every": 500, "save_every": 500,  # bookkeeping, not quality
 }
@@ -57,10 +57,13 @@ TEXT_ONLY = {"text_only": True, "d_pos_weight": 0}  # added to RECIPE for the te
 # --smoke shrinks the recipe so the whole bench runs in well under a minute (its figures mean nothing)
 SMOKE_RECIPE = {"image_size": "64x32", "feature_dim": 32, "batch_size": 8, "warmup": 2, "workers": 0,
                 "log_every": 5, "vocab_size": 1024, "embed_dim": 64}
+# ids: identities whose test/validation ids are chosen by hash (data.split_records) -- the held-out test table;
+# extra_train_ids: more identities after those, all marked split "train" (make_synthetic_pedes --extra_train_ids),
+# so the student sees more people while the test identities and images stay exactly those of the `ids` alone.
 SIZES = {  # ids, images per id, generated image height x width, training iterations
-    "full": dict(ids=1000, images_per_id=4, height=256, width=128, iters=5000),
-    "quick": dict(ids=1000, images_per_id=4, height=256, width=128, iters=800),  # same data and cache as full
-    "smoke": dict(ids=24, images_per_id=2, height=128, width=64, iters=6),
+    "full": dict(ids=1000, extra_train_ids=4000, images_per_id=4, height=256, width=128, iters=5000),
+    "quick": dict(ids=1000, extra_train_ids=4000, images_per_id=4, height=256, width=128, iters=1100),  # = full's data
+    "smoke": dict(ids=24, extra_train_ids=8, images_per_id=2, height=128, width=64, iters=6),
 }
 # --ablation: each entry switches one loss term (group) off; the baseline is RECIPE itself
 ABLATIONS = {
@@ -86,6 +89,7 @@ GENERATOR_SOURCES = ("tools/make_synthetic_pedes.py", "captions.py")
 TEACHERS = ("attributes", "hash")  # hash: the --smoke stand-in, see HashTeacher
 PARAPHRASE_SEED = "bench/quality/paraphrase/{seed}"  # training composes with "<seed>:<epoch>:<item>" seeds
 TEST_RATIO = 0.1
+VAL_RATIO = 0.05  # main.py's --val_ratio default; RECIPE may set its own
 QUERY_SETS = ("en", "new-en", "zh", "new-zh")
 QUERY_FORMS = ("keywords", "fragment", "fields", "reordered", "search", "keywords-zh", "search-zh")
 
@@ -98,7 +102,11 @@ def get_args_parser(add_help=False):
     p.add_argument("--ablation", action="store_true",
                    help="at the --quick size (or --smoke): the student with one loss term off at a time")
     p.add_argument("--out", default=str(ROOT / "logs" / "quality"), help="folder for data, cache, runs, quality.json")
-    p.add_argument("--ids", type=int, default=None, help="identities to generate (default: by mode, 1000)")
+    p.add_argument("--ids", type=int, default=None,
+                   help="identities the test/validation ids are drawn from (default: by mode, 1000)")
+    p.add_argument("--extra_train_ids", type=int, default=None,
+                   help="more training-only identities after --ids (default: by mode, 4000); the test split is "
+                        "the same whatever this is")
     p.add_argument("--iters", type=int, default=None, help="training iterations (default: by mode, full 5000)")
     p.add_argument("--seed", type=int, default=0, help="generator seed and training seed")
     p.add_argument("--device", default="cpu", help="training and evaluation device (main.py --device)")
@@ -191,12 +199,15 @@ def write_hash_cache(data_json, emb_dir):
 
 def prepare_data(args, size, out):
     """Synthetic data (reused when generated with the same arguments) and the attribute teacher's cache."""
-    tag = f"{size['ids']}ids-s{args.seed}" + ("-smoke" if args.smoke else "")
+    extra = size.get("extra_train_ids", 0)
+    tag = f"{size['ids']}ids{f'+{extra}train' if extra else ''}-s{args.seed}" + ("-smoke" if args.smoke else "")
     emb_tag = tag + ("" if args.teacher == "attributes" else f"-{args.teacher}")
     data_dir, emb_dir = out / f"data-{tag}", out / f"emb-{emb_tag}"
     data_json = data_dir / "synthpedes-dataset.json"
     gen = dict(out=str(data_dir), ids=size["ids"], images_per_id=size["images_per_id"], seed=args.seed,
                height=size["height"], width=size["width"])
+    if extra:
+        gen["extra_train_ids"] = extra
     stamp_obj = dict(gen, code=sources_hash(GENERATOR_SOURCES))
     stamp = data_dir / "bench_args.json"
     py = sys.executable
@@ -528,15 +539,18 @@ def main(args, extra):
     size = dict(SIZES[mode])
     if args.ids is not None:
         size["ids"] = args.ids
+    if args.extra_train_ids is not None:
+        size["extra_train_ids"] = args.extra_train_ids
     if args.iters is not None:
         size["iters"] = args.iters
-    if size["ids"] < 2 or size["iters"] < 1:
-        raise SystemExit("error: --ids must be >= 2 and --iters >= 1")
+    if size["ids"] < 2 or size["iters"] < 1 or size["extra_train_ids"] < 0:
+        raise SystemExit("error: --ids must be >= 2, --iters >= 1 and --extra_train_ids >= 0")
     recipe = {**RECIPE, **(SMOKE_RECIPE if args.smoke else {})}
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     load0 = os.getloadavg()
-    print(f"bench/quality.py: mode {mode}{' + ablation' if args.ablation else ''}, {size['ids']} ids x "
+    print(f"bench/quality.py: mode {mode}{' + ablation' if args.ablation else ''}, {size['ids']} ids "
+          f"(+{size['extra_train_ids']} training-only) x "
           f"{size['images_per_id']} images, {size['iters']} iterations, seed {args.seed}, out {out}, "
           f"load average {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}")
     if args.smoke:
@@ -607,6 +621,16 @@ def main(args, extra):
 
 def run_ablation(args, out, data_json, emb_dir, records, test_idx, sets, recipe, size, extra, config, times,
                  t_start):
+    """One run per row; every row is scored on the runs' *validation* identities, never the test ones: an ablation
+    is how recipe choices get made, and those are made on validation (issue #11)."""
+    import data as data_lib
+    val_ratio = float(recipe.get("val_ratio", VAL_RATIO))
+    val_idx = data_lib.split_records(records, TEST_RATIO, "val", val_ratio)
+    if not val_idx:
+        raise SystemExit(f"error: no validation identity at val_ratio {val_ratio}; use a larger --ids")
+    sets = query_sets(records, val_idx, args.seed)
+    config = dict(config, ablation_split="val", val_ratio=val_ratio,
+                  val_identities=len({records[i]["id"] for i in val_idx}))
     rows, figs = [], {}
     for name, off in [("(none: full recipe)", {})] + list(ABLATIONS.items()):
         ckpt, secs = train(args, out, data_json, emb_dir, recipe, size["iters"], extra,
@@ -614,7 +638,7 @@ def run_ablation(args, out, data_json, emb_dir, records, test_idx, sets, recipe,
                            last=off)
         times[f"train {name}"] = secs
         t0 = time.time()
-        r, _ = eval_student(ckpt, records, test_idx, sets, args.device)
+        r, _ = eval_student(ckpt, records, val_idx, sets, args.device)
         times[f"eval {name}"] = time.time() - t0
         figs[name] = {"off": off, **r}
         rows.append((name, fmt(r["eer"]), fmt(r["r1"]), fmt(r["paraphrase_r1"]["new-en"]),
@@ -624,7 +648,8 @@ def run_ablation(args, out, data_json, emb_dir, records, test_idx, sets, recipe,
                      "wall_time_s": {k: round(v, 1) for k, v in times.items()},
                      "load_average_end": list(os.getloadavg())})
     atomic_json(out / "ablation.json", res)
-    print(f"\n== ablation: the student with one loss term off or one recipe choice undone ({config['mode']} size, {size['iters']} iterations) ==")
+    print(f"\n== ablation: the student with one loss term off or one recipe choice undone ({config['mode']} size, "
+          f"{size['iters']} iterations; scored on {config['val_identities']} validation identities) ==")
     print_table(["EER (%)", "R@1 (%)", "new-en R@1", "zh R@1"], rows, first=40, title="switched off / undone")
     print_footer(out / "ablation.json", times)
     return res

@@ -357,7 +357,7 @@ def render_image(ident, seed, pid, k, height=256, width=128):
 
 def make_records(job):
     """All images + records of one identity: writes DIR/Part1/<pid>/<k>.jpg, returns the JSON records."""
-    out, seed, pid, n_img, height, width, zh = job
+    out, seed, pid, n_img, height, width, zh, split = job
     ident = make_identity(seed, pid)
     folder = Path(out) / "Part1" / str(pid)
     folder.mkdir(parents=True, exist_ok=True)
@@ -380,18 +380,25 @@ def make_records(job):
         if zh:
             rec["captions_zh"] = [z for _, z in pairs]
         rec["prompt_caption"] = [captions.prompt_caption(ident["attributes"])]
+        if split:
+            rec["split"] = split
         records.append(rec)
     return records
 
 
-def generate(out, ids, images_per_id, seed=0, height=256, width=128, zh=True, workers=1):
-    """Write the dataset under out; returns the JSON path. Same arguments -> byte-identical files."""
+def generate(out, ids, images_per_id, seed=0, height=256, width=128, zh=True, workers=1, extra_train_ids=0):
+    """Write the dataset under out; returns the JSON path. Same arguments -> byte-identical files.
+
+    extra_train_ids: ids `ids` .. `ids + extra_train_ids - 1` more, marked "split": "train", so that a larger
+    training set leaves the hash-chosen test and validation identities among the first `ids` exactly as they are
+    (every identity depends only on (seed, pid), so ids 0 .. ids-1 are byte-identical either way)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         fail(f"--out {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    jobs = [(str(out), seed, pid, images_per_id, height, width, zh) for pid in range(ids)]
-    if workers > 1 and ids * images_per_id >= 200:
+    jobs = [(str(out), seed, pid, images_per_id, height, width, zh, None if pid < ids else "train")
+            for pid in range(ids + extra_train_ids)]
+    if workers > 1 and len(jobs) * images_per_id >= 200:
         # spawn, not fork: the caller may have torch/OpenMP threads running; imap keeps id order
         with get_context("spawn").Pool(workers) as pool:
             per_id = list(pool.imap(make_records, jobs, chunksize=8))
@@ -413,6 +420,9 @@ def get_args_parser(add_help=True):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--height", type=int, default=256)
     p.add_argument("--width", type=int, default=128)
+    p.add_argument("--extra_train_ids", type=int, default=0,
+                   help="this many more identities after --ids, all marked split 'train' (more training people, "
+                        "same test/validation identities)")
     p.add_argument("--no_zh", action="store_true", help="omit captions_zh")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     return p
@@ -421,6 +431,8 @@ def get_args_parser(add_help=True):
 def main(args):
     if args.ids < 1 or args.images_per_id < 1:
         fail("--ids and --images_per_id must be >= 1")
+    if args.extra_train_ids < 0:
+        fail("--extra_train_ids must be >= 0")
     if args.seed < 0:
         fail("--seed must be >= 0")
     if args.height < 32 or args.width < 16:
@@ -430,10 +442,11 @@ def main(args):
     t0 = time.time()
     try:
         path = generate(args.out, args.ids, args.images_per_id, args.seed, args.height, args.width,
-                        zh=not args.no_zh, workers=args.workers)
+                        zh=not args.no_zh, workers=args.workers, extra_train_ids=args.extra_train_ids)
     except OSError as e:
         fail(f"cannot write to {args.out}: {e.strerror or e}")
-    print(f"wrote {args.ids * args.images_per_id} images of {args.ids} ids ({args.height}x{args.width}) "
+    n_ids = args.ids + args.extra_train_ids
+    print(f"wrote {n_ids * args.images_per_id} images of {n_ids} ids ({args.height}x{args.width}) "
           f"and {path} in {time.time() - t0:.1f}s")
 
 
