@@ -29,6 +29,9 @@ def _plt():
     have = {f.name for f in fm.fontManager.ttflist}
     cjk = ("WenQuanYi Zen Hei", "Noto Sans CJK SC", "Noto Sans CJK JP", "Droid Sans Fallback")
     plt.rcParams["font.family"] = ["DejaVu Sans"] + [f for f in cjk if f in have]
+    # WenQuanYi ships one weight (500): matplotlib would warn "Failed to find font weight normal" for every text
+    import logging
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)
     return plt
 
 

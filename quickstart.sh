@@ -11,6 +11,7 @@ PY=${PYTHON:-python3}
 IDS=${IDS:-1000}              # identities the held-out test/validation ids are drawn from
 EXTRA_IDS=${EXTRA_IDS:-4000}  # more training-only identities: more people to learn from, the same test ids
 ITERS=${ITERS:-1100}
+SIZE=192x96                   # student input HxW (the run folder is named after it)
 export OMP_WAIT_POLICY=PASSIVE HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
 step() { printf '\n==== %s\n' "$*"; }
 
@@ -30,10 +31,10 @@ $PY evaluation_labels.py --data "$DATA" --embedding_path "$OUT/embeddings" --top
 
 step "4/8 train the student ($ITERS iterations, CPU)"
 $PY main.py --data "$DATA" --embedding_path "$OUT/embeddings" --output_dir "$OUT/logs" --run_name quickstart \
-  --resume auto --backbone res_tiny --text_backbone char_tiny --image_size 192x96 --feature_dim 256 \
+  --resume auto --backbone res_tiny --text_backbone char_tiny --image_size "$SIZE" --feature_dim 256 \
   --batch_size 64 --instances_per_id 4 --iters "$ITERS" --warmup 50 --lr 2e-3 --eval_every 500 --save_every 500 \
   --log_every 100 --workers 2
-RUN="$OUT/logs/expModel-res_tiny-128x64-256/quickstart"
+RUN="$OUT/logs/expModel-res_tiny-$SIZE-256/quickstart"
 
 step "5/8 the student's table on the held-out identities (+ det.png, retrieval.png, learning_curve.png)"
 $PY evaluation_model.py "$RUN/best.pt" --top_k 5 --plots "$OUT/plots"

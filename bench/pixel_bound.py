@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 def get_args_parser(add_help=False):
     p = argparse.ArgumentParser("retrieval bound of a pixel-only student under the attribute teacher", add_help=add_help)
     default = ROOT / "logs" / "quality"
-    p.add_argument("--data", default=str(default / "data-1000ids-s0" / "synthpedes-dataset.json"))
-    p.add_argument("--embedding_path", default=str(default / "emb-1000ids-s0"))
+    p.add_argument("--data", default=str(default / "data-1000ids+4000train-s0" / "synthpedes-dataset.json"))
+    p.add_argument("--embedding_path", default=str(default / "emb-1000ids+4000train-s0"))
     p.add_argument("--split", choices=["test", "val"], default="test")
     p.add_argument("--test_ratio", type=float, default=0.1)
     p.add_argument("--val_ratio", type=float, default=0.05)

@@ -1,20 +1,21 @@
 """Quality of the distilled student against its teacher, on held-out identities, in ONE command (README "Results").
 
-    python bench/quality.py                       # full: 1000 ids, 5000 iterations (what the README reports)
-    python bench/quality.py --quick               # ~10 min on 2 CPU cores: 1000 ids, 800 iterations
+    python bench/quality.py                       # full: 1000 + 4000 training-only ids, 5000 iterations (README)
+    python bench/quality.py --quick               # ~10 min of training on 2 CPU cores: same data, 1100 iterations
     python bench/quality.py --smoke --out /tmp/q  # ~half a minute: tiny everything (tests/test_quality_bench.py)
-    python bench/quality.py --ablation            # --quick size, one loss term off at a time -> ablation table
+    python bench/quality.py --ablation            # --quick size, one term off at a time, scored on validation ids
     python bench/quality.py --quick -- --compose_prob 0.5 --lr 3e-3    # extra main.py flags after --
 
 Steps (each prints the exact command it runs; re-running reuses what is done):
-1. data: tools/make_synthetic_pedes.py --ids N --images_per_id 4 --seed S into OUT/data-<N>ids-s<S> (kept when
-   its args.json matches), then the offline attribute teacher's cache (tools/extract_label.py --teacher attributes,
-   which itself reuses/resumes) into OUT/emb-<N>ids-s<S>.
+1. data: tools/make_synthetic_pedes.py --ids N --extra_train_ids M --images_per_id 4 --seed S into
+   OUT/data-<N>ids+<M>train-s<S> (kept when its bench_args.json matches), then the offline attribute teacher's
+   cache (tools/extract_label.py --teacher attributes, which itself reuses/resumes) into OUT/emb-<same tag>.
+   The test and validation identities are hashed among the first N ids only (the M are marked split "train").
 2. teacher: EER, FRR@FAR=1e-3, R@1, R@5, mAP on the held-out identities (data.split_records, identity-disjoint)
    from the cache rows alone -- evaluation_labels.select_rows + metrics.evaluate_embeddings, as
    evaluation_labels.py computes them. The attribute teacher is privileged: its "image" row is the text of the
    ground-truth attributes, so its figures are an upper bound the student's pixels cannot reach.
-3. student: main.py with RECIPE (+ --iters) into OUT/logs, evaluated from its last.pt with
+3. student: main.py with RECIPE (+ --iters) into OUT/logs, evaluated from its best.pt (best validation R@1) with
    evaluation_model.embed_split + metrics (English captions against the student's own image embeddings).
 4. text-only student: the same flags + TEXT_ONLY (--text_only --d_pos_weight 0); its captions against the
    teacher's image cache rows of the held-out records (a teacher-enrolled gallery), and the mean cosine of its
@@ -97,7 +98,7 @@ QUERY_FORMS = ("keywords", "fragment", "fields", "reordered", "search", "keyword
 def get_args_parser(add_help=False):
     p = argparse.ArgumentParser("student vs teacher quality on held-out identities", add_help=add_help)
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="1000 ids, 800 iterations (~10 min on 2 CPU cores)")
+    mode.add_argument("--quick", action="store_true", help="the full data, 1100 iterations (~10 min on 2 CPU cores)")
     mode.add_argument("--smoke", action="store_true", help="tiny sizes, seconds; checks the script runs end to end")
     p.add_argument("--ablation", action="store_true",
                    help="at the --quick size (or --smoke): the student with one loss term off at a time")

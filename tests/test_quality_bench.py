@@ -81,5 +81,7 @@ def test_commands_wall_time_and_json(smoke):
 
 
 def test_bad_size_is_one_line():
-    r = _run("--smoke", "--ids", "1", "--out", "/nonexistent-never-created")
-    assert r.returncode != 0 and r.stderr.strip() == "error: --ids must be >= 2 and --iters >= 1"
+    msg = "error: --ids must be >= 2, --iters >= 1 and --extra_train_ids >= 0"
+    for bad in (["--ids", "1"], ["--extra_train_ids", "-3"]):
+        r = _run("--smoke", *bad, "--out", "/nonexistent-never-created")
+        assert r.returncode != 0 and r.stderr.strip() == msg, (bad, r.stderr)

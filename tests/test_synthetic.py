@@ -54,6 +54,31 @@ def test_deterministic_and_independent_of_ids(synth_data, tmp_path):
     assert fc.keys() == fa.keys() and all(fc[k] != fa[k] for k in fa)
 
 
+def test_extra_train_ids_keep_the_test_split(synth_data, tmp_path):
+    """--extra_train_ids adds training-only people after --ids; the first ids (and so their hash-chosen test and
+    validation identities) are byte-identical to a run without them."""
+    import data as data_lib
+    n = SYNTH_ARGS["ids"]
+    p = msp.generate(tmp_path / "x", **dict(SYNTH_ARGS, extra_train_ids=6))
+    recs = _load(p)
+    full = _load(synth_data)
+    assert recs[:len(full)] == full and "split" not in full[0]
+    extra = recs[len(full):]
+    assert sorted({r["id"] for r in extra}) == list(range(n, n + 6))
+    assert all(r["split"] == "train" for r in extra)
+    fx, ff = _files(tmp_path / "x"), _files(Path(synth_data).parent)
+    assert all(fx[k] == v for k, v in ff.items()) and len(fx) == len(ff) + 6 * SYNTH_ARGS["images_per_id"]
+    a, b = data_lib.load_records(str(synth_data)), data_lib.load_records(str(p))
+    for split in ("test", "val"):
+        # ratios high enough that both splits are non-empty among the fixture's ids
+        assert data_lib.split_records(a, 0.3, split, 0.3) == data_lib.split_records(b, 0.3, split, 0.3) != []
+    assert len(data_lib.split_records(b, 0.3, "train", 0.3)) == (
+        len(data_lib.split_records(a, 0.3, "train", 0.3)) + len(extra))
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "make_synthetic_pedes.py"), "--out", str(tmp_path / "e"),
+                        "--ids", "2", "--extra_train_ids", "-1"], capture_output=True, text=True)
+    assert r.returncode != 0 and "--extra_train_ids must be >= 0" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_two_workers_match_one(tmp_path):
     kw = dict(ids=50, images_per_id=4, seed=3, height=64, width=32)  # 200 images: the pool path
     a = msp.generate(tmp_path / "a", workers=1, **kw)
