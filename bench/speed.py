@@ -19,7 +19,7 @@ hits both sides of a ratio. OMP_WAIT_POLICY is set to PASSIVE (see --omp_wait_po
 spinning, 2-thread PyTorch ran up to 13x slower on this busy 2-core machine, which would inflate the teacher's
 time (ONNX Runtime's pools in search/ never spin).
 
-Students: the shipped recipe (res_tiny / char_tiny at 128x64, D 256: quickstart.sh and bench/quality.py's RECIPE),
+Students: the shipped recipe (res_tiny / char_tiny at 192x96, D 256: quickstart.sh and bench/quality.py's RECIPE),
 the same recipe exported with --static_shapes --batch 1 --text_length 64 (what an NPU gets), and the other families
 of the README's model table (--families image backbones, --text_families text encoders, all at --image_size), each
 as exported fp32 ONNX and as int8 (export_model.to_int8, the quantiser of export_model.py --int8: QDQ, per-channel
@@ -118,7 +118,7 @@ def get_args_parser(add_help=False):
     p.add_argument("--text_backbone", default="char_tiny",
                    help="student text encoder: char_tiny (the recipe's), char_small, char_base")
     p.add_argument("--feature_dim", type=int, default=256, help="student embedding size (= gallery/eval D)")
-    p.add_argument("--image_size", type=parse_image_size, default=(128, 64), help="student input HxW (every family)")
+    p.add_argument("--image_size", type=parse_image_size, default=(192, 96), help="student input HxW (every family)")
     p.add_argument("--families", default="res_small,mobile_tiny,mobile_small,repconv_tiny,tv_mobilenet_v3_small",
                    help="other image backbones timed in the same run (comma list, or 'none')")
     p.add_argument("--text_families", default="char_small,char_base",
