@@ -18,7 +18,6 @@ With --checkpoint it also scores that student on the split and on as many *train
 trained on): a large gap between the two is overfitting, not a model that cannot learn the task.
 """
 import argparse
-import json
 import os
 import random
 import sys
@@ -87,7 +86,7 @@ def main(args):
     import evaluation_labels
     import metrics
     from embedding_cache import EmbeddingCache
-    from quality import core_figures, load_student
+    from quality import atomic_json, core_figures, eval_student
     from teachers import attribute_text, load_teacher
     from cli import fail
     if not Path(args.data).is_file():
@@ -117,16 +116,13 @@ def main(args):
     acc = float(np.mean([g == a.split(",")[0].strip() for g, a in zip(guessed, attrs)]))
     n_ids = len(set(sel["img_pids"].tolist()))
     if args.checkpoint:
-        from evaluation_model import embed_split
-        model, cfg, step = load_student(args.checkpoint, "cpu")
         tr = data_lib.split_records(records, args.test_ratio, "train", args.val_ratio)
         tr_ids = sorted({records[i]["id"] for i in tr})
         pick = set(random.Random(0).sample(tr_ids, min(n_ids, len(tr_ids))))
         for name, ix in ((f"student ({args.split} ids)", idx),
                          ("student (as many training ids)", [i for i in tr if records[i]["id"] in pick])):
-            e = embed_split(model, records, ix, cfg, langs=("en",), workers=0, progress=False)
-            rows[name] = core_figures(metrics.evaluate_embeddings(e["img_emb"], e["cap_emb"], e["cap_img_index"],
-                                                                   e["img_pids"], e["cap_pids"], top_k=0))
+            r, _ = eval_student(args.checkpoint, records, ix, {}, "cpu")  # no query sets: the core figures only
+            rows[name] = {k: r[k] for k in ("eer", "frr@1e-3", "r1", "r5", "map")}  # core_figures' keys
     print(f"\n== text->image on {n_ids} {args.split} identities ({len(sel['img_rows'])} images, {len(cap)} "
           f"captions); gender guessed right for {100 * acc:.1f}% of images ==")
     print(f"{'gallery':<34}{'EER (%)':>10}{'R@1 (%)':>10}{'R@5 (%)':>10}{'mAP (%)':>10}")
@@ -135,9 +131,7 @@ def main(args):
     if args.json:
         out = {"split": args.split, "n_identities": n_ids, "gender_guess_accuracy": acc, "rows": rows,
                "checkpoint": args.checkpoint}
-        tmp = Path(args.json).with_suffix(".tmp")
-        tmp.write_text(json.dumps(out, indent=1))
-        os.replace(tmp, args.json)
+        atomic_json(args.json, out)
     return rows
 
 

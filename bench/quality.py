@@ -90,7 +90,6 @@ GENERATOR_SOURCES = ("tools/make_synthetic_pedes.py", "captions.py")
 TEACHERS = ("attributes", "hash")  # hash: the --smoke stand-in, see HashTeacher
 PARAPHRASE_SEED = "bench/quality/paraphrase/{seed}"  # training composes with "<seed>:<epoch>:<item>" seeds
 TEST_RATIO = 0.1
-VAL_RATIO = 0.05  # main.py's --val_ratio default; RECIPE may set its own
 QUERY_SETS = ("en", "new-en", "zh", "new-zh")
 QUERY_FORMS = ("keywords", "fragment", "fields", "reordered", "search", "keywords-zh", "search-zh")
 
@@ -625,7 +624,8 @@ def run_ablation(args, out, data_json, emb_dir, records, test_idx, sets, recipe,
     """One run per row; every row is scored on the runs' *validation* identities, never the test ones: an ablation
     is how recipe choices get made, and those are made on validation (issue #11)."""
     import data as data_lib
-    val_ratio = float(recipe.get("val_ratio", VAL_RATIO))
+    import opts
+    val_ratio = float(recipe.get("val_ratio", opts.get_args_parser().get_default("val_ratio")))  # main.py's
     val_idx = data_lib.split_records(records, TEST_RATIO, "val", val_ratio)
     if not val_idx:
         raise SystemExit(f"error: no validation identity at val_ratio {val_ratio}; use a larger --ids")
