@@ -417,10 +417,32 @@ EN_LABELS = {"gender": ["gender", "sex", "person"], "hair": ["hair", "hairstyle"
 ZH_LABELS = {"gender": ["性别", "人"], "hair": ["头发", "发型"], "upper": ["上衣", "上身"], "lower": ["下装", "下身", "裤子"],
              "shoes": ["鞋", "鞋子"], "carried": ["携带", "包", "拿着"]}
 ZH_GENDER = {"male": ["男", "男人", "男性", "男士", "男子"], "female": ["女", "女人", "女性", "女士", "女子"]}
-_EN_SEPS = [", ", " ", "; ", " and ", " / ", " - ", ",", " with ", " | ", " + "]
-_ZH_SEPS = ["，", "、", " ", "；", "和", ",", ""]
-
-
+# Joins are drawn from pieces (punctuation x spacing x connector word), not from a list of whole separators, so a
+# separator the student never saw verbatim ('. ', ' | also ', ';') is still made of parts it knows to ignore.
+_EN_PUNCT = ["", ",", ",", ".", ";", "/", "|", "-", "+", "&", ":", "--", "·", "\n"]
+_EN_CONNECT = ["and", "with", "also", "plus", "then", "and also", "as well as", "along with", "and has"]
+_ZH_SEPS = ["，", "、", " ", "；", "和", ",", "", "。", "/", "以及", "还有", "并且"]
+# Words a query may wrap around the attributes that say nothing about the person's looks: request leads, nouns
+# for the picture, hedges. Invented words (_pseudo_word) are mixed in so the lesson is "ignore what is not an
+# attribute", not "ignore these phrases".
+_EN_LEADS = ["search for", "searching for", "locate", "i need", "we need", "i want", "want", "need", "where is",
+             "is there", "retrieve", "give me", "get", "get me", "track", "spot", "seeking", "please locate",
+             "can you locate", "who is", "photo of", "image of", "picture of", "a photo of", "an image of",
+             "camera shot of", "someone like", "identify", "check for", "query:", "search:", "target:", "suspect:",
+             "missing person:", "please", "hey, search for", "pull up"]
+_EN_DETS = ["a", "an", "the", "some", "that", "this", "one", ""]
+_EN_FILLERS = ["please", "maybe", "probably", "i think", "possibly", "roughly", "kind of", "seen today",
+               "walking", "standing", "near the entrance", "on the street", "in the photo", "on camera",
+               "last seen", "thanks", "asap", "walking by", "outside", "at the station", "yesterday"]
+_EN_VALUE_LEADS = {"hair": ["with", "has", "having", "who has", "with a", "that has"],
+                   "carried": ["with", "carrying", "holding", "has", "who carries", "toting", "having"],
+                   "wear": ["wearing", "in", "has", "with", "dressed in", "who wears", "that wears", "wears",
+                            "having on", "clad in", "sporting"]}
+_ZH_LEADS = ["搜索", "我要找", "请找出", "有没有", "哪里有", "找找", "定位", "检索", "给我看看", "我想找", "请检索",
+             "目标：", "嫌疑人：", "图中的", "照片里的", "监控中的"]
+_ZH_FILLERS = ["请", "可能", "大概", "谢谢", "刚才", "在门口", "在街上", "路过的", "走着的"]
+_SYLLABLES = ["ka", "lo", "mi", "tr", "ven", "qu", "zo", "pel", "dra", "nix", "bu", "sto", "fe", "gar", "wy",
+              "thi", "cle", "mor", "ji", "pha", "sk", "ule", "rov", "ent", "ast", "ob", "ip"]
 def _synonym(phrase, rng, p):
     """Replace each word of an English phrase that has alternatives by one of them, with probability p."""
     return " ".join(rng.choice(EN_SYNONYMS[w]) if w in EN_SYNONYMS and rng.random() < p else w
@@ -439,63 +461,139 @@ def _colour_last(phrase, rng):
                        f"{rest} ({col})", f"{col} {rest}"])
 
 
+_KNOWN_WORDS = None
+
+
+def _known_words():
+    """Every word that carries meaning to the student (attribute words, nouns, synonyms): an invented word must
+    never be one of them, or it would teach the student to ignore a real attribute."""
+    global _KNOWN_WORDS
+    if _KNOWN_WORDS is None:
+        words = set(MALE) | set(FEMALE) | {"person", "pedestrian", "hair", "bald"}
+        for k in ZH_VOCAB:
+            words.update(k.split())
+        for alts in EN_SYNONYMS.values():
+            for alt in alts:
+                words.update(alt.split())
+        _KNOWN_WORDS = words
+    return _KNOWN_WORDS
+
+
+def _pseudo_word(rng):
+    """An invented, pronounceable word ('kavenlo'): a label or filler the student cannot have memorised."""
+    while True:
+        w = "".join(rng.choice(_SYLLABLES) for _ in range(rng.choice([1, 2, 2, 3])))
+        if len(w) >= 3 and w not in _known_words():
+            return w
+
+
+def _en_join(rng):
+    """A separator from pieces: punctuation, spacing, an optional connector word."""
+    p = rng.choice(_EN_PUNCT)
+    c = rng.choice(_EN_CONNECT) if rng.random() < (0.6 if not p else 0.2) else ""
+    if p == "\n":
+        return "\n"
+    left = rng.choice(["", "", " "]) if p else ""
+    sep = left + p + (" " if p or c else "") + (c + " " if c else "")
+    return sep if sep.strip() or c else " "
+
+
+def _en_label(f, rng):
+    r = rng.random()
+    if r < 0.55:
+        return rng.choice(EN_LABELS[f])
+    if r < 0.8:  # an invented label: teaches that the label is not the content
+        return " ".join(_pseudo_word(rng) for _ in range(rng.choice([1, 1, 2])))
+    return f"{rng.choice(EN_LABELS[f])} {_pseudo_word(rng)}"
+
+
+def _en_value(f, v, rng, syn_p, labelled):
+    v = _synonym(v, rng, syn_p)
+    if f != "hair" and rng.random() < 0.2:
+        v = _colour_last(v, rng)
+    if not labelled and rng.random() < (0.45 if f == "carried" else 0.25):
+        lead = rng.choice(_EN_VALUE_LEADS["wear" if f in WEAR_FIELDS else f])
+        art = rng.random() < 0.5 and not lead.endswith(" a") and f != "hair"
+        v = f"{lead} {_article(v) if art else v}"
+    return v
+
+
+def _noise_en(rng):
+    return _pseudo_word(rng) if rng.random() < 0.5 else rng.choice(_EN_FILLERS)
+
+
 def augment_caption(attributes, rng, lang="en"):
     """A query-like training text of an attribute string -> (text, kept fields).
 
     Random structure: a subset of the fields (each kept with a random probability, at least one), in random
-    order, each phrase optionally re-worded (synonyms, colour after the noun), optionally labelled ("top: red
-    shirt"), joined by a random separator, with random case and punctuation; now and then a composed sentence
-    with its clauses shuffled instead."""
+    order, each phrase optionally re-worded (synonyms, colour after the noun, a verb or preposition with or
+    without an article), optionally labelled ("top: red shirt", a made-up label, "sex = male"), joined by
+    separators built from punctuation, spacing and connector words (each join drawn afresh now and then), with
+    an optional request lead ("search for a ...", a made-up word), filler words between the parts (real hedges and
+    invented words: what is not an attribute carries no meaning), random case and end punctuation; now and then
+    a composed sentence with its clauses shuffled instead."""
     if lang not in ("en", "zh"):
         raise ValueError(f"lang must be 'en' or 'zh', not {lang!r}")
     a = parse_attributes(attributes)
     kind = gender_kind(a["gender"])
     present = [f for f in ATTRIBUTE_FIELDS[1:] if a[f]]
-    keep_p = rng.choice([1.0, 0.9, 0.75, 0.5, 0.35])
+    keep_p = rng.choice([1.0, 1.0, 0.9, 0.75, 0.5, 0.35])
     kept = [f for f in present if rng.random() < keep_p]
     if present and not kept:
         kept = [rng.choice(present)]
     use_gender = kind != "unknown" and rng.random() < 0.8
-    if rng.random() < 0.15 and lang == "en":  # a whole sentence, clauses shuffled
+    if rng.random() < 0.12 and lang == "en":  # a whole sentence, clauses shuffled, maybe behind a lead
         plan = _plan(attributes, rng, omit_prob=1 - keep_p)
         rng.shuffle(plan["groups"])
         text = _render_en(plan)
+        if rng.random() < 0.4:
+            text = f"{rng.choice(_EN_LEADS + [_pseudo_word(rng)])} {text[:1].lower()}{text[1:]}"
         return text, mentioned_fields(attributes, text)
-    labelled = rng.random() < 0.25
+    labelled = rng.random() < 0.3
     syn_p = rng.choice([0.0, 0.3, 0.6])
+    lsep = rng.choice([": ", " - ", " = ", " ", ":", " is ", " -> ", " — ", "="] if lang == "en"
+                      else ["：", ":", " ", "是", "=", "-"])
     items = []
     for f in kept:
-        v = a[f]
         if lang == "en":
-            v = _synonym(v, rng, syn_p)
-            if f != "hair" and rng.random() < 0.2:
-                v = _colour_last(v, rng)
-            if f == "carried" and not labelled and rng.random() < 0.4:
-                v = rng.choice(["with ", "carrying ", "holding ", "has "]) + _article(v)
-            elif f != "carried" and not labelled and rng.random() < 0.15:
-                v = rng.choice(["wearing ", "in ", "has ", "with "]) + (_article(v) if f != "hair" else v)
+            v = _en_value(f, a[f], rng, syn_p, labelled)
             if labelled:
-                v = f"{rng.choice(EN_LABELS[f])}{rng.choice([': ', ' - ', ' = ', ' '])}{v}"
+                v = f"{_en_label(f, rng)}{lsep}{v}"
         else:
-            v = translate_phrase(v)
+            v = translate_phrase(a[f])
             if labelled:
-                v = f"{rng.choice(ZH_LABELS[f])}{rng.choice(['：', ':', ' ', '是'])}{v}"
+                v = f"{rng.choice(ZH_LABELS[f]) if rng.random() < 0.8 else _pseudo_word(rng)}{lsep}{v}"
         items.append(v)
     rng.shuffle(items)
     if use_gender:
         g = rng.choice(EN_GENDER[kind]) if lang == "en" else rng.choice(ZH_GENDER[kind])
         if labelled:
-            g = (f"{rng.choice(EN_LABELS['gender'])}: {g}" if lang == "en"
-                 else f"{rng.choice(ZH_LABELS['gender'])}：{g}")
+            g = (f"{_en_label('gender', rng)}{lsep}{g}" if lang == "en"
+                 else f"{rng.choice(ZH_LABELS['gender'])}{lsep}{g}")
         items.insert(rng.choice([0, 0, 0, len(items)]) if items else 0, g)
-    sep = rng.choice(_EN_SEPS if lang == "en" else _ZH_SEPS)
-    text = sep.join(items)
+    if rng.random() < 0.2 and items:  # filler between the parts
+        for _ in range(rng.choice([1, 1, 2])):
+            items.insert(rng.randrange(len(items) + 1),
+                         _noise_en(rng) if lang == "en" else rng.choice(_ZH_FILLERS + [_pseudo_word(rng)]))
     if lang == "en":
+        sep = _en_join(rng)
+        mixed = rng.random() < 0.25
+        text = items[0] if items else ""
+        for it in items[1:]:
+            text += (_en_join(rng) if mixed else sep) + it
+        if rng.random() < 0.25:  # a request lead: "search for a man, red shirt"
+            lead = rng.choice(_EN_LEADS) if rng.random() < 0.75 else _pseudo_word(rng)
+            det = rng.choice(_EN_DETS) if not labelled else ""
+            text = " ".join(x for x in (lead, det, text) if x)
         r = rng.random()
         text = text.upper() if r < 0.05 else text.title() if r < 0.15 else _cap(text) if r < 0.5 else text
-        text += rng.choice(["", "", ".", " ", "!"])
+        text += rng.choice(["", "", ".", " ", "!", "?", " please", "..."])
     else:
-        text += rng.choice(["", "", "。", "的人", "的行人"])
+        text = rng.choice(_ZH_SEPS).join(items)
+        if rng.random() < 0.25:
+            text = (rng.choice(_ZH_LEADS) if rng.random() < 0.75 else _pseudo_word(rng)) + \
+                rng.choice(["", "一个", "一位", "那个"]) + text
+        text += rng.choice(["", "", "。", "的人", "的行人", "？"])
     return text, set(kept) | ({"gender"} if use_gender else set())
 
 

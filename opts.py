@@ -59,9 +59,10 @@ def get_args_parser(add_help=False):
     g.add_argument("--backbone_weights", default=None, help="local ImageNet state_dict for the tv_* backbones")
     g.add_argument("--text_backbone", default="char_small", help="text encoder size: char_tiny, char_small, char_base")
     g.add_argument("--feature_dim", type=int, default=512, help="student embedding size (forced to the teacher's with --text_only)")
-    g.add_argument("--max_seq_length", type=int, default=128,
-                   help="characters per caption, including the leading CLS (longer ones are cut; 64 would cut "
-                        "84%% of the synthetic English captions, median 87 characters)")
+    g.add_argument("--max_seq_length", type=int, default=192,
+                   help="characters per caption, including the leading CLS (longer ones are cut: 128 cut 6%% of "
+                        "the synthetic English captions, median 88 characters, and most field-by-field queries; "
+                        "training trims each batch to its longest text, so the cap costs nothing on short ones)")
     g.add_argument("--vocab_size", type=int, default=8192, help="rows of the character table (search/charmap.py)")
     g.add_argument("--embed_dim", type=int, default=256, help="width of the character table")
     g.add_argument("--image_size", type=parse_image_size, default=(224, 112), help="HxW")

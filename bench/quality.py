@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 # The recipe: main.py flags of the student (tune here). --iters comes from the size below.
 RECIPE = {
     "backbone": "res_tiny", "text_backbone": "char_tiny", "image_size": "192x96", "feature_dim": 256,
-    "max_seq_length": 128, "batch_size": 64, "instances_per_id": 4, "lr": 2e-3, "warmup": 50,
+    "max_seq_length": 192, "batch_size": 64, "instances_per_id": 4, "lr": 2e-3, "warmup": 50,
     "workers": 2, "log_every": 100, "eval_every": 500, "save_every": 500,  # bookkeeping, not quality
 }
 BOOKKEEPING = ("workers", "log_every", "eval_every", "save_every")  # left out of the run's hash: reuse stays valid
@@ -81,7 +81,7 @@ ABLATIONS = {
     # the recipe's other choices, each undone alone
     "fd centring (--fd_center 0)": {"fd_center": 0},
     "P x K batches (--instances_per_id 1)": {"instances_per_id": 1},
-    "128 characters (--max_seq_length 64)": {"max_seq_length": 64},
+    "192 characters (--max_seq_length 128)": {"max_seq_length": 128},
 }
 # a run is reused only when these sources are unchanged (the student's code and its losses' defaults live here)
 TRAINING_SOURCES = ("main.py", "opts.py", "model.py", "losses.py", "data.py", "captions.py", "text_encoder.py",

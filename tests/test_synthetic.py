@@ -284,6 +284,25 @@ def test_augment_caption_varies_structure_and_reports_its_fields():
         captions.augment_caption(a, rng, "fr")
 
 
+def test_augment_caption_wraps_attributes_in_words_that_mean_nothing():
+    """Leads, fillers and invented labels teach the student to ignore what is not an attribute; none of them may
+    be an attribute word, or the student would learn to ignore a colour or a garment."""
+    meaning = {w for k, (kind, _) in captions.ZH_VOCAB.items() if kind in ("colour", "noun", "mod", "hairmod", "shade")
+               for w in k.split()} - {"person", "pedestrian"}
+    meaning |= captions.MALE | captions.FEMALE
+    for phrase in captions._EN_LEADS + captions._EN_FILLERS + captions._EN_CONNECT:
+        assert not set(captions._words(phrase)) & meaning, phrase
+    rng = random.Random(3)
+    invented = {captions._pseudo_word(rng) for _ in range(2000)}
+    assert len(invented) > 500 and not invented & captions._known_words()
+    a = "man,short black hair,blue striped shirt,gray trousers,black boots,black backpack"
+    texts = [captions.augment_caption(a, rng, "en")[0] for _ in range(1500)]
+    first = [captions._words(t)[0] for t in texts if captions._words(t)]
+    assert sum(w not in meaning for w in first) > 150  # a lead or a filler in front, often
+    assert any("\n" in t for t in texts) and any(". " in t.rstrip(".") for t in texts)  # separators from pieces
+    assert len(set(first)) > 40
+
+
 def test_attribute_vocab_targets():
     attrs = ["man,short black hair,red shirt,blue jeans,black shoes,unknown",
              "woman,long brown hair,red coat,black trousers,white sneakers,black handbag"] * 3
