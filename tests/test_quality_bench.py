@@ -85,3 +85,25 @@ def test_bad_size_is_one_line():
     for bad in (["--ids", "1"], ["--extra_train_ids", "-3"]):
         r = _run("--smoke", *bad, "--out", "/nonexistent-never-created")
         assert r.returncode != 0 and r.stderr.strip() == msg, (bad, r.stderr)
+
+
+def test_wording_val_scores_checkpoints_side_by_side(smoke, tmp_path):
+    """bench/wording_val.py on the smoke run's student: a fresh-seed gallery, every query set, one column per
+    checkpoint, JSON written; a bad checkpoint and the training seed are one-line errors."""
+    ckpt = sorted(Path(smoke[1]).glob("logs/*/student-*/last.pt"))[0]
+    script = ROOT / "bench" / "wording_val.py"
+    base = [sys.executable, str(script), "--ids", "6", "--images_per_id", "2", "--height", "64", "--width", "32",
+            "--out", str(tmp_path / "g")]
+    r = subprocess.run(base + [str(ckpt), str(ckpt), "--json", str(tmp_path / "w.json")], capture_output=True,
+                       text=True, timeout=300, cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {ln.split()[0]: ln.split()[1:] for ln in r.stdout.splitlines() if re.match(r"^\S+\s+" + NUM + r"\s+" + NUM + "$", ln)}
+    for s in ("en", "new-en", "zh", "keywords", "fragment", "fields", "search", "search-zh"):
+        assert s in rows and rows[s][0] == rows[s][1]  # the same checkpoint twice scores the same
+    res = json.loads((tmp_path / "w.json").read_text())["results"]
+    assert 0 <= res[str(ckpt)]["paraphrase_r1"]["en"] <= 100
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    for extra in ([str(bad)], [str(ckpt), "--seed", "0"]):
+        r = subprocess.run(base + extra, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+        assert r.returncode != 0 and r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1

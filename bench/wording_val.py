@@ -1,0 +1,93 @@
+"""Query wordings of several checkpoints side by side, on a fresh validation gallery big enough to tell them apart.
+
+The runs' validation split (37 identities, 148 images at the bench's size) moves by +-5 R@1 points between two
+neighbouring checkpoints of one run: too few to choose a text recipe by its query-form rows. This script renders a
+separate gallery of people drawn with a seed that no training or test data uses (other random draws of the same
+generator: never a training image, never a test image), and scores every query set of bench/quality.py on it --
+the dataset's captions, the new wordings and the bench/query_forms.py forms -- for each checkpoint, each student
+searching its own image embeddings.
+
+    python bench/wording_val.py OLD_RUN/1000.pt NEW_RUN/1000.pt             # 250 people x 4 images, seed 11
+    python bench/wording_val.py A/best.pt --ids 100 --seed 12 --json logs/wording_val/a.json
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def get_args_parser(add_help=False):
+    p = argparse.ArgumentParser("query-form R@1 of checkpoints on a fresh validation gallery", add_help=add_help)
+    p.add_argument("checkpoints", nargs="+", help="student checkpoints (main.py's .pt files)")
+    p.add_argument("--ids", type=int, default=250, help="people in the gallery")
+    p.add_argument("--images_per_id", type=int, default=4)
+    p.add_argument("--seed", type=int, default=11, help="generator seed; not 0, the seed of the training/test data")
+    p.add_argument("--height", type=int, default=256)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--out", default=str(ROOT / "logs" / "wording_val"), help="gallery folder parent (reused)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", default="", help="also write the figures here (atomically)")
+    return p
+
+
+def gallery(args):
+    import json
+    import quality
+    d = Path(args.out) / f"ids{args.ids}x{args.images_per_id}-{args.height}x{args.width}-s{args.seed}"
+    data_json = d / "synthpedes-dataset.json"
+    gen = dict(out=str(d), ids=args.ids, images_per_id=args.images_per_id, seed=args.seed, height=args.height,
+               width=args.width)
+    stamp = d / "bench_args.json"
+    want = dict(gen, code=quality.sources_hash(quality.GENERATOR_SOURCES))
+    if not (data_json.exists() and stamp.exists() and json.loads(stamp.read_text()) == want):
+        quality.run_cmd([sys.executable, str(ROOT / "tools" / "make_synthetic_pedes.py"), *quality.flags(gen)])
+        quality.atomic_json(stamp, want)
+    return data_json
+
+
+def main(args):
+    if args.ids < 2 or args.images_per_id < 1:
+        raise SystemExit("error: --ids must be >= 2 and --images_per_id >= 1")
+    if args.seed == 0:
+        raise SystemExit("error: --seed 0 draws the training/test data's own people; use another seed")
+    import data as data_lib
+    import quality
+    from checkpoint import CheckpointError
+    from evaluation_model import embed_split, embed_texts
+    records = data_lib.load_records(str(gallery(args)))
+    idx = list(range(len(records)))
+    sets = quality.query_sets(records, idx, args.seed)
+    results = {}
+    for path in args.checkpoints:
+        try:
+            model, cfg, step = quality.load_student(path, args.device)
+        except CheckpointError as e:
+            raise SystemExit(f"error: {e}") from None
+        if model.text_only:
+            raise SystemExit(f"error: {path} is a text-only student (it has no image tower to enrol the gallery)")
+        emb = embed_split(model, records, idx, cfg, device=args.device, langs=("en",), workers=0, progress=False)
+        attrs = [records[r]["attributes"] for r in idx]
+        res = quality.score_sets(sets, lambda _, t: embed_texts(model, t, cfg, args.device), emb["img_emb"],
+                                 emb["img_pids"], attrs)
+        results[path] = dict(step=step, **res)
+    names = [f"#{i + 1}" for i in range(len(args.checkpoints))]
+    print(f"\nR@1 (%) on a fresh gallery: {args.ids} people x {args.images_per_id} images, seed {args.seed} "
+          f"(fragments: attribute match)")
+    for n, p in zip(names, args.checkpoints):
+        print(f"  {n}: {p} (step {results[p]['step']})")
+    print(f"{'query set':14s}" + "".join(f"{n:>9s}" for n in names))
+    for s in sets:
+        key = "attr_r1" if s == "fragment" else "paraphrase_r1"
+        print(f"{s:14s}" + "".join(f"{results[p][key][s]:9.2f}" for p in args.checkpoints))
+    if args.json:
+        quality.atomic_json(Path(args.json), dict(config=vars(args), results=results))
+    return results
+
+
+if __name__ == "__main__":
+    main(get_args_parser(add_help=True).parse_args())
