@@ -13,6 +13,7 @@ not know stay in English inside the Chinese sentence.
     # in code: captions.compose_caption(attrs, random.Random(0), "zh"); captions.compose_caption_pair(attrs, rng)
 """
 import argparse
+import functools
 import random
 
 ATTRIBUTE_FIELDS = ("gender", "hair", "upper", "lower", "shoes", "carried")
@@ -443,6 +444,8 @@ _ZH_LEADS = ["搜索", "我要找", "请找出", "有没有", "哪里有", "找�
 _ZH_FILLERS = ["请", "可能", "大概", "谢谢", "刚才", "在门口", "在街上", "路过的", "走着的"]
 _SYLLABLES = ["ka", "lo", "mi", "tr", "ven", "qu", "zo", "pel", "dra", "nix", "bu", "sto", "fe", "gar", "wy",
               "thi", "cle", "mor", "ji", "pha", "sk", "ule", "rov", "ent", "ast", "ob", "ip"]
+
+
 def _synonym(phrase, rng, p):
     """Replace each word of an English phrase that has alternatives by one of them, with probability p."""
     return " ".join(rng.choice(EN_SYNONYMS[w]) if w in EN_SYNONYMS and rng.random() < p else w
@@ -461,22 +464,17 @@ def _colour_last(phrase, rng):
                        f"{rest} ({col})", f"{col} {rest}"])
 
 
-_KNOWN_WORDS = None
-
-
+@functools.lru_cache(maxsize=None)
 def _known_words():
     """Every word that carries meaning to the student (attribute words, nouns, synonyms): an invented word must
     never be one of them, or it would teach the student to ignore a real attribute."""
-    global _KNOWN_WORDS
-    if _KNOWN_WORDS is None:
-        words = set(MALE) | set(FEMALE) | {"person", "pedestrian", "hair", "bald"}
-        for k in ZH_VOCAB:
-            words.update(k.split())
-        for alts in EN_SYNONYMS.values():
-            for alt in alts:
-                words.update(alt.split())
-        _KNOWN_WORDS = words
-    return _KNOWN_WORDS
+    words = set(MALE) | set(FEMALE) | {"person", "pedestrian", "hair", "bald"}
+    for k in ZH_VOCAB:
+        words.update(k.split())
+    for alts in EN_SYNONYMS.values():
+        for alt in alts:
+            words.update(alt.split())
+    return frozenset(words)
 
 
 def _pseudo_word(rng):
@@ -495,7 +493,7 @@ def _en_join(rng):
         return "\n"
     left = rng.choice(["", "", " "]) if p else ""
     sep = left + p + (" " if p or c else "") + (c + " " if c else "")
-    return sep if sep.strip() or c else " "
+    return sep or " "  # neither punctuation nor connector: a plain space
 
 
 def _en_label(f, rng):

@@ -62,7 +62,8 @@ def get_args_parser(add_help=False):
     g.add_argument("--max_seq_length", type=int, default=192,
                    help="characters per caption, including the leading CLS (longer ones are cut: 128 cut 6%% of "
                         "the synthetic English captions, median 88 characters, and most field-by-field queries; "
-                        "training trims each batch to its longest text, so the cap costs nothing on short ones)")
+                        "training encodes texts of up to 96 characters apart from the longer ones, so the cap costs little "
+                        "on short ones)")
     g.add_argument("--vocab_size", type=int, default=8192, help="rows of the character table (search/charmap.py)")
     g.add_argument("--embed_dim", type=int, default=256, help="width of the character table")
     g.add_argument("--image_size", type=parse_image_size, default=(224, 112), help="HxW")

@@ -197,25 +197,33 @@ def write_hash_cache(data_json, emb_dir):
     cache.write("caption", np.arange(len(rows)), t.embed_texts([r[3] for r in rows]))  # zh rows: English pivot
 
 
+def generate(gen):
+    """tools/make_synthetic_pedes.py with the flags in `gen` (out=folder, ...) unless that folder already holds data
+    generated with the same flags by the same generator code -> the dataset JSON."""
+    data_dir = Path(gen["out"])
+    data_json = data_dir / "synthpedes-dataset.json"
+    stamp_obj = dict(gen, code=sources_hash(GENERATOR_SOURCES))
+    stamp = data_dir / "bench_args.json"
+    if data_json.exists() and stamp.exists() and json.loads(stamp.read_text()) == stamp_obj:
+        print(f"\n(reusing {data_json}: generated with the same arguments)")
+    else:
+        run_cmd([sys.executable, str(ROOT / "tools" / "make_synthetic_pedes.py"), *flags(gen)])
+        atomic_json(stamp, stamp_obj)
+    return data_json
+
+
 def prepare_data(args, size, out):
     """Synthetic data (reused when generated with the same arguments) and the attribute teacher's cache."""
     extra = size.get("extra_train_ids", 0)
     tag = f"{size['ids']}ids{f'+{extra}train' if extra else ''}-s{args.seed}" + ("-smoke" if args.smoke else "")
     emb_tag = tag + ("" if args.teacher == "attributes" else f"-{args.teacher}")
     data_dir, emb_dir = out / f"data-{tag}", out / f"emb-{emb_tag}"
-    data_json = data_dir / "synthpedes-dataset.json"
     gen = dict(out=str(data_dir), ids=size["ids"], images_per_id=size["images_per_id"], seed=args.seed,
                height=size["height"], width=size["width"])
     if extra:
         gen["extra_train_ids"] = extra
-    stamp_obj = dict(gen, code=sources_hash(GENERATOR_SOURCES))
-    stamp = data_dir / "bench_args.json"
+    data_json = generate(gen)
     py = sys.executable
-    if data_json.exists() and stamp.exists() and json.loads(stamp.read_text()) == stamp_obj:
-        print(f"\n(reusing {data_json}: generated with the same arguments)")
-    else:
-        run_cmd([py, str(ROOT / "tools" / "make_synthetic_pedes.py"), *flags(gen)])
-        atomic_json(stamp, stamp_obj)
     import shutil
     import data as data_lib
     from embedding_cache import read_manifest

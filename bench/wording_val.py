@@ -36,18 +36,10 @@ def get_args_parser(add_help=False):
 
 
 def gallery(args):
-    import json
     import quality
     d = Path(args.out) / f"ids{args.ids}x{args.images_per_id}-{args.height}x{args.width}-s{args.seed}"
-    data_json = d / "synthpedes-dataset.json"
-    gen = dict(out=str(d), ids=args.ids, images_per_id=args.images_per_id, seed=args.seed, height=args.height,
-               width=args.width)
-    stamp = d / "bench_args.json"
-    want = dict(gen, code=quality.sources_hash(quality.GENERATOR_SOURCES))
-    if not (data_json.exists() and stamp.exists() and json.loads(stamp.read_text()) == want):
-        quality.run_cmd([sys.executable, str(ROOT / "tools" / "make_synthetic_pedes.py"), *quality.flags(gen)])
-        quality.atomic_json(stamp, want)
-    return data_json
+    return quality.generate(dict(out=str(d), ids=args.ids, images_per_id=args.images_per_id, seed=args.seed,
+                                 height=args.height, width=args.width))
 
 
 def main(args):
