@@ -29,7 +29,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from captions import augment_caption, compose_caption_pair, mentioned_fields
+from captions import augment_caption, compose_caption_pair, mentioned_fields, plain_caption
 from cli import fail
 from search.charmap import encode_batch
 from search.imaging import is_regular_file, to_rgb
@@ -345,7 +345,8 @@ class DistillDataset(Dataset):
 
     def __init__(self, records, indices, cache=None, image_size=(224, 112), train=True, max_seq_length=128,
                  vocab_size=8192, compose_prob=0.0, compose_zh_prob=0.5, langs=("en", "zh"), seed=0,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD, augment_prob=0.0, attr_vocab=None):
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD, augment_prob=0.0, attr_vocab=None, return_text=False,
+                 filler_words=(), plain_targets=False):
         bad = [l for l in langs if l not in LANGS]
         if bad or not langs:
             raise ValueError(f"langs must be a non-empty subset of {LANGS}, got {tuple(langs)}")
@@ -353,6 +354,9 @@ class DistillDataset(Dataset):
         self.offsets = caption_offsets(records)
         self.compose_prob, self.compose_zh_prob = float(compose_prob), float(compose_zh_prob)
         self.augment_prob, self.attr_vocab = float(augment_prob), attr_vocab
+        self.return_text = bool(return_text)  # items carry their text (for main.py's --text_teacher)
+        self.filler_words = tuple(filler_words)  # real words augment_caption may wrap around the attributes
+        self.plain_targets = bool(plain_targets)  # query-like items also carry their bare keyword list
         self.max_seq_length, self.vocab_size, self.seed, self.epoch = max_seq_length, vocab_size, seed, 0
         gen = self.compose_prob > 0 or self.augment_prob > 0  # captions can be generated from the attributes
         if hasattr(records, "usable"):  # a record store: the same rule on its columns, no per-record objects
@@ -434,13 +438,17 @@ class DistillDataset(Dataset):
         zh = "zh" in self.langs and ("en" not in self.langs or rng.random() < self.compose_zh_prob)
         lang = "zh" if zh else "en"
         u = rng.random()
+        query_lang = 0  # 1/2: a query-like en/zh text with no cache row (an online text teacher may embed it)
+        plain = None
         if attrs and (not rows or u < self.compose_prob):  # a caption sentence composed from the attributes
             cap_row = -1
             en, zh_text = compose_caption_pair(attrs, rng)
             text, fields = (zh_text if zh else en), mentioned_fields(attrs, en)
         elif attrs and u < self.compose_prob + self.augment_prob:  # a query-like text (keywords, fields, ...)
             cap_row = -1
-            text, fields = augment_caption(attrs, rng, lang)
+            text, fields = augment_caption(attrs, rng, lang, self.filler_words or None)
+            query_lang = 2 if zh else 1
+            plain = plain_caption(attrs, fields, lang) if self.plain_targets else None
         else:
             cap_row = rows[rng.randrange(len(rows))]
             k, n_en = cap_row - int(self.offsets[r]), len(rec["captions"])
@@ -452,7 +460,14 @@ class DistillDataset(Dataset):
         t_cap, has_cap = self._emb("caption", cap_row)
         item = dict(image=image, text_ids=torch.from_numpy(ids[0]).long(),
                     text_mask=torch.from_numpy(mask[0]).bool(), pid=rec["id"], img_row=r, cap_row=cap_row,
-                    t_img_emb=t_img, t_cap_emb=t_cap, has_t_img=has_img, has_t_cap=has_cap)
+                    t_img_emb=t_img, t_cap_emb=t_cap, has_t_img=has_img, has_t_cap=has_cap,
+                    query_lang=query_lang)
+        if self.return_text:
+            item["text"] = text
+        if self.plain_targets:  # fixed shapes for collation; has_plain says which rows hold one
+            p_ids, p_mask = encode_batch([plain or ""], max_len=self.max_seq_length, vocab_size=self.vocab_size)
+            item.update(plain_ids=torch.from_numpy(p_ids[0]).long(), plain_mask=torch.from_numpy(p_mask[0]).bool(),
+                        has_plain=bool(plain))
         if self.attr_vocab is not None:
             for key, f in (("img", None), ("cap", fields)):
                 t, w = self.attr_vocab.targets(attrs, f)

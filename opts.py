@@ -46,6 +46,22 @@ def get_args_parser(add_help=False):
                    help="probability of replacing a training caption by a query-like text of the record's "
                         "attributes (captions.augment_caption: keyword lists, fragments, 'top: red shirt' forms, "
                         "any field order, synonyms, case), so queries typed unlike the dataset captions still match")
+    g.add_argument("--filler_words", type=int, default=0,
+                   help="the query-like texts may wrap the attributes in real English words (labels, leads, "
+                        "fillers) drawn from this many frequent words, minus every word of the training captions, "
+                        "so that words the captions never use are ignored; 0 = invented words only (e.g. 8000; not "
+                        "in the recipe: no gain measured on validation, README 1. Data)")
+    g.add_argument("--consist_weight", type=float, default=0.0,
+                   help="weight of the term that pulls each query-like text's embedding to that of its bare keyword "
+                        "list (captions.plain_caption, no gradient through the latter): labels, leads and filler "
+                        "words must not move the embedding (main.plain_consistency); 0 = off (e.g. 1; not in the "
+                        "recipe: no gain measured on validation, README 1. Data)")
+    g.add_argument("--text_teacher", default="",
+                   help="the cache's teacher (e.g. attributes, or the SigLIP2 folder/hub id given to "
+                        "tools/extract_label.py), loaded here to embed each step's query-like texts (--augment_prob), "
+                        "which have no cache row: they are then distilled like the dataset captions (fd, rkd, "
+                        "dist_rel) instead of only pulled to their image. Checked against the cache's caption rows "
+                        "at start. '' = off. Costs one teacher text forward of ~16 short texts per step")
     g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="DataLoader workers per process (default: 4, or the CPU count when lower)")
 
@@ -119,7 +135,7 @@ _INT_MIN = {"batch_size": 2, "iters": 1, "feature_dim": 1, "embed_dim": 1, "max_
             "vocab_size": 0x254,  # search/charmap.py hashes non-Latin code points into rows 0x253 .. vocab_size-1
             "save_every": 1, "log_every": 1, "keep_checkpoints": 1, "max_bad_steps": 1, "instances_per_id": 1,
             "eval_max_images": 1, "rkd_max_rows": 2, "workers": 0, "eval_every": 0, "seed": 0, "memory_size": 0,
-            "memory_warmup": 0, "warmup": -1, "top_k": 0}
+            "memory_warmup": 0, "warmup": -1, "top_k": 0, "filler_words": 0}
 # float flags: (low, high, low inclusive); names not listed follow the suffix rules below
 _FLOAT_RANGE = {"lr": (0.0, 10.0, False), "weight_decay": (0.0, 10.0, True), "grad_clip": (0.0, float("inf"), True),
                 "min_lr_ratio": (0.0, 1.0, True), "test_ratio": (0.0, 1.0, True), "id_temp": (0.0, 100.0, False),

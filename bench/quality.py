@@ -82,6 +82,10 @@ ABLATIONS = {
     "fd centring (--fd_center 0)": {"fd_center": 0},
     "P x K batches (--instances_per_id 1)": {"instances_per_id": 1},
     "192 characters (--max_seq_length 128)": {"max_seq_length": 128},
+    # options not in the recipe, each added alone
+    "+ real filler words (--filler_words 8000)": {"filler_words": 8000},
+    "+ keyword-list consistency (--consist_weight 1)": {"consist_weight": 1},
+    "+ teacher targets for query texts (--text_teacher attributes)": {"text_teacher": "attributes"},
 }
 # a run is reused only when these sources are unchanged (the student's code and its losses' defaults live here)
 TRAINING_SOURCES = ("main.py", "opts.py", "model.py", "losses.py", "data.py", "captions.py", "text_encoder.py",
@@ -642,6 +646,8 @@ def run_ablation(args, out, data_json, emb_dir, records, test_idx, sets, recipe,
                   val_identities=len({records[i]["id"] for i in val_idx}))
     rows, figs = [], {}
     for name, off in [("(none: full recipe)", {})] + list(ABLATIONS.items()):
+        if off.get("text_teacher") and args.teacher != "attributes":
+            continue  # the hash teacher lives in this process only: main.py cannot load it
         ckpt, secs = train(args, out, data_json, emb_dir, recipe, size["iters"], extra,
                            "student" if not off else "ablate-" + "-".join(k.replace("_weight", "") for k in off),
                            last=off)

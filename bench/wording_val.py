@@ -9,6 +9,12 @@ searching its own image embeddings.
 
     python bench/wording_val.py OLD_RUN/1000.pt NEW_RUN/1000.pt             # 250 people x 4 images, seed 11
     python bench/wording_val.py A/best.pt --ids 100 --seed 12 --json logs/wording_val/a.json
+    python bench/wording_val.py A/best.pt --hubness    # + per set: distinct top-1 images, R@1 minus the mean query
+
+--hubness is a diagnosis, not a score: when the words around the attributes (labels, leads) add a near-constant
+vector to every query of a form, a few "hub" images come first for all of them; removing the set's mean query
+embedding (which uses every query of the set at once, so no deployable search can do it) shows how much of the
+form's loss that offset explains.
 """
 import argparse
 import os
@@ -32,6 +38,9 @@ def get_args_parser(add_help=False):
     p.add_argument("--out", default=str(ROOT / "logs" / "wording_val"), help="gallery folder parent (reused)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default="", help="also write the figures here (atomically)")
+    p.add_argument("--hubness", action="store_true",
+                   help="also print, per query set, how many distinct images come first and the R@1 with the set's "
+                        "mean query embedding removed")
     return p
 
 
@@ -64,8 +73,10 @@ def main(args):
             raise SystemExit(f"error: {path} is a text-only student (it has no image tower to enrol the gallery)")
         emb = embed_split(model, records, idx, cfg, device=args.device, langs=("en",), workers=0, progress=False)
         attrs = [records[r]["attributes"] for r in idx]
-        res = quality.score_sets(sets, lambda _, t: embed_texts(model, t, cfg, args.device), emb["img_emb"],
-                                 emb["img_pids"], attrs)
+        q_emb = {name: embed_texts(model, texts, cfg, args.device) for name, (texts, _, _) in sets.items()}
+        res = quality.score_sets(sets, lambda name, _: q_emb[name], emb["img_emb"], emb["img_pids"], attrs)
+        if args.hubness:
+            res.update(hubness(sets, q_emb, emb["img_emb"], emb["img_pids"]))
         results[path] = dict(step=step, **res)
     names = [f"#{i + 1}" for i in range(len(args.checkpoints))]
     print(f"\nR@1 (%) on a fresh gallery: {args.ids} people x {args.images_per_id} images, seed {args.seed} "
@@ -76,9 +87,29 @@ def main(args):
     for s in sets:
         key = "attr_r1" if s == "fragment" else "paraphrase_r1"
         print(f"{s:14s}" + "".join(f"{results[p][key][s]:9.2f}" for p in args.checkpoints))
+    if args.hubness:
+        print(f"\ndistinct top-1 images of {len(idx)} / R@1 with the set's mean query removed (a diagnosis)")
+        print(f"{'query set':14s}" + "".join(f"{n:>16s}" for n in names))
+        for s in sets:
+            print(f"{s:14s}" + "".join(f"{results[p]['distinct_top1'][s]:>7d} /{results[p]['r1_mean_removed'][s]:7.2f}"
+                                       for p in args.checkpoints))
     if args.json:
         quality.atomic_json(Path(args.json), dict(config=vars(args), results=results))
     return results
+
+
+def hubness(sets, q_emb, img_emb, img_pids):
+    """{"distinct_top1": {set: n}, "r1_mean_removed": {set: R@1 %}} (see the module docstring)."""
+    import numpy as np
+    import quality
+    img = np.asarray(img_emb, np.float32)
+    out = {"distinct_top1": {}, "r1_mean_removed": {}}
+    for name, (_, pids, _) in sets.items():
+        q = np.asarray(q_emb[name], np.float32)
+        out["distinct_top1"][name] = int(len(np.unique((q @ img.T).argmax(1)))) if len(q) else 0
+        out["r1_mean_removed"][name] = quality.r1(q - q.mean(0, keepdims=True), np.array(pids, np.int64), img,
+                                                  img_pids) if len(q) else 0.0
+    return out
 
 
 if __name__ == "__main__":

@@ -352,6 +352,34 @@ def test_compose(ds_setup):
         data.DistillDataset(bare, [0], image_size=SIZE)
 
 
+def test_items_mark_query_texts_for_an_online_teacher(ds_setup):
+    """query_lang says which items carry a query-like text (1 en, 2 zh) that main.TextTeacher may embed; the text
+    itself travels only when asked for, and is the text that was encoded."""
+    from search.charmap import encode_batch
+    recs, cache = ds_setup
+    kinds = {}
+    for aug, comp in ((1.0, 0.0), (0.0, 1.0), (0.0, 0.0)):
+        ds = data.DistillDataset(recs, range(len(recs)), cache=cache, image_size=SIZE, augment_prob=aug,
+                                 compose_prob=comp, seed=2, return_text=True)
+        for i in range(len(ds)):
+            it = ds[i]
+            ids, mask = encode_batch([it["text"]], max_len=ds.max_seq_length, vocab_size=ds.vocab_size)
+            assert it["text_ids"].tolist() == ids[0].tolist()
+            kinds.setdefault((aug, comp), set()).add(it["query_lang"])
+            if it["query_lang"]:
+                assert it["cap_row"] == -1 and not it["has_t_cap"]
+    assert kinds[(1.0, 0.0)] == {1, 2} and kinds[(0.0, 1.0)] == {0} and kinds[(0.0, 0.0)] == {0}
+    # --consist_weight: query-like items carry their bare keyword list, the others an empty row marked absent
+    ds = data.DistillDataset(recs, range(len(recs)), cache=cache, image_size=SIZE, augment_prob=0.5, seed=3,
+                             plain_targets=True)
+    items = _items(ds)
+    assert {bool(it["query_lang"]) for it in items} == {True, False}
+    for it in items:
+        assert it["has_plain"] == bool(it["query_lang"]) and it["plain_mask"].sum() > (5 if it["has_plain"] else 0)
+        assert it["plain_ids"].shape == it["text_ids"].shape
+    assert "text" not in data.DistillDataset(recs, range(len(recs)), cache=cache, image_size=SIZE)[0]
+
+
 def _items(ds):
     return [ds[i] for i in range(len(ds))]
 

@@ -102,6 +102,14 @@ def test_wording_val_scores_checkpoints_side_by_side(smoke, tmp_path):
         assert s in rows and rows[s][0] == rows[s][1]  # the same checkpoint twice scores the same
     res = json.loads((tmp_path / "w.json").read_text())["results"]
     assert 0 <= res[str(ckpt)]["paraphrase_r1"]["en"] <= 100
+    assert "distinct_top1" not in res[str(ckpt)]
+    # --hubness: per set, distinct top-1 images (1 .. gallery size) and R@1 without the set's mean query
+    r = subprocess.run(base + [str(ckpt), "--hubness", "--json", str(tmp_path / "h.json")], capture_output=True,
+                       text=True, timeout=300, cwd=str(tmp_path))
+    assert r.returncode == 0 and "distinct top-1 images of 12" in r.stdout, r.stderr[-2000:]
+    h = json.loads((tmp_path / "h.json").read_text())["results"][str(ckpt)]
+    for s in ("en", "fields", "search"):
+        assert 1 <= h["distinct_top1"][s] <= 12 and 0 <= h["r1_mean_removed"][s] <= 100
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     for extra in ([str(bad)], [str(ckpt), "--seed", "0"]):

@@ -303,6 +303,42 @@ def test_augment_caption_wraps_attributes_in_words_that_mean_nothing():
     assert len(set(first)) > 40
 
 
+def test_filler_words_are_real_words_no_caption_uses():
+    """Real filler words: frequent English words, never an attribute word, a word of the training captions, or a
+    word of the bench's own field labels and request leads (so those rows stay unseen wordings)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import query_forms
+    captions_used = ["A man in a red shirt and blue jeans walks with his black backpack."]
+    words = captions.filler_words(captions.caption_vocabulary(captions_used))
+    assert len(words) > 5000 and len(set(words)) == len(words)
+    held_out = {w.lower() for label in query_forms._LABELS.values() for w in label.split()}
+    held_out |= {w for lead in ("looking for a", "find the", "show me the", "any") for w in lead.split()}
+    assert not set(words) & (held_out | captions._known_words() | {"walks", "his", "man", "with"})
+    assert {"time", "city", "music"} <= set(words)  # ordinary words that say nothing about a person's looks
+    a = "woman,long brown hair,white coat,black trousers,white sneakers,black handbag"
+    rng = random.Random(5)
+    texts = [captions.augment_caption(a, rng, "en", words)[0] for _ in range(2000)]
+    used = {w for t in texts for w in captions._words(t.lower())} & set(words)
+    assert len(used) > 100  # real words appear, drawn from the whole list
+    # without a word list the texts are exactly those of invented words only (the same random stream)
+    r1, r2 = random.Random(9), random.Random(9)
+    assert ([captions.augment_caption(a, r1, "en")[0] for _ in range(300)]
+            == [captions.augment_caption(a, r2, "en", None)[0] for _ in range(300)])
+    assert captions.filler_words(n=0) == ()
+
+
+def test_plain_caption_is_the_bare_keyword_list_of_the_named_fields():
+    a = "Gentleman,short black hair,blue striped shirt,gray trousers,unknown,black backpack"
+    assert captions.plain_caption(a, {"carried", "gender", "upper"}) == "man, blue striped shirt, black backpack"
+    assert captions.plain_caption(a, {"shoes"}) == ""  # an absent field names nothing
+    assert captions.plain_caption(a, {"gender", "hair"}, "zh") == "男，" + captions.translate_phrase("short black hair")
+    rng = random.Random(4)
+    for _ in range(300):  # every augmented text has a non-empty keyword list of the fields it kept
+        text, fields = captions.augment_caption(a, rng, rng.choice(["en", "zh"]))
+        plain = captions.plain_caption(a, fields, "en")
+        assert plain and all(p in a.replace("Gentleman", "man") for p in plain.split(", "))
+
+
 def test_attribute_vocab_targets():
     attrs = ["man,short black hair,red shirt,blue jeans,black shoes,unknown",
              "woman,long brown hair,red coat,black trousers,white sneakers,black handbag"] * 3

@@ -231,3 +231,90 @@ def test_text_buckets_give_the_same_embeddings_and_gradients():
         assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-4))
     short_ids, short_mask = main.trim_padding(ids[:1], mask[:1])
     assert short_ids.shape[1] == 32 and short_mask[:, 23:].sum() == 0  # trimmed to a multiple of 32
+
+
+class _FakeTextTeacher:
+    def __init__(self, multilingual, dim=4):
+        self.multilingual, self.dim, self.seen = multilingual, dim, []
+
+    def embed_texts(self, texts):
+        self.seen += list(texts)
+        return np.stack([np.eye(self.dim, dtype=np.float32)[len(t) % self.dim] for t in texts])
+
+
+@pytest.mark.parametrize("multilingual", [False, True])
+def test_text_teacher_fills_only_query_texts_without_a_row(multilingual):
+    import main
+    fake = _FakeTextTeacher(multilingual)
+    tt = main.TextTeacher(fake)
+    t_cap = torch.full((4, 4), 0.5)
+    t_cap[1:] = 0
+    batch = {"query_lang": torch.tensor([1, 1, 2, 0]), "has_t_cap": torch.tensor([True, False, False, False]),
+             "t_cap_emb": t_cap.clone(), "text": ["cached row", "red shirt", "红色衬衫", "composed sentence"]}
+    tt.fill(batch)
+    # row 0 keeps its cache row; row 3 (not a query-like text) stays without a target
+    assert torch.equal(batch["t_cap_emb"][0], t_cap[0]) and torch.equal(batch["t_cap_emb"][3], t_cap[3])
+    assert batch["has_t_cap"].tolist() == [True, True, multilingual, False]
+    assert fake.seen == (["red shirt", "红色衬衫"] if multilingual else ["red shirt"])
+    assert torch.equal(batch["t_cap_emb"][1], torch.eye(4)[len("red shirt") % 4])
+    assert tt.n_texts == (2 if multilingual else 1)
+
+
+def test_text_teacher_distils_query_texts_and_refuses_another_teacher(synth_data, cache, tmp_path):
+    sys.path.insert(0, str(ROOT / "tools"))
+    import extract_label
+    emb = tmp_path / "emb_attr"
+    extract_label.main(extract_label.get_args_parser().parse_args(
+        ["--data", synth_data, "--embedding_path", str(emb), "--teacher", "attributes", "--workers", "0",
+         "--device", "cpu", "--fields", "image,caption"]))
+    r = subprocess.run(base_args(synth_data, str(emb), tmp_path, "--run_name", "tt", "--iters", "3", "--log_every",
+                                 "1", "--eval_every", "0", "--save_every", "3", "--augment_prob", "0.5",
+                                 "--compose_prob", "0", "--text_teacher", "attributes"),
+                       capture_output=True, text=True, env=ENV, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    m = re.search(r"text teacher: attributes .*mean cos ([\d.]+)", r.stdout)
+    assert m and float(m.group(1)) > 0.99
+    n = int(re.search(r"text teacher embedded (\d+) query texts", r.stdout).group(1))
+    assert 0 < n < 3 * 8  # about half the 24 texts, and never a dataset caption
+    # a cache of another teacher: one line, before training starts
+    for c, why in ((cache, "embeds into 384 dims"),
+                   (make_fake_cache(synth_data, tmp_path / "fake384", dim=384), "does not reproduce")):
+        r = subprocess.run(base_args(synth_data, str(c), tmp_path, "--run_name", "bad", "--iters", "2",
+                                     "--text_teacher", "attributes"),
+                           capture_output=True, text=True, env=ENV, timeout=300, cwd=ROOT)
+        assert r.returncode != 0 and why in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert not run_dir(tmp_path, "bad").exists()
+
+
+def test_plain_consistency_pulls_only_query_texts_to_their_keyword_list():
+    import torch.nn.functional as F
+    import main
+
+    class Tower(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(50, 8)
+
+        def encode_text(self, ids, mask):
+            return F.normalize((self.emb(ids) * mask[..., None]).sum(1), dim=-1)
+
+    torch.manual_seed(0)
+    tower = Tower()
+    ids = torch.randint(1, 50, (4, 12))
+    plain = torch.randint(1, 50, (4, 12))
+    mask = torch.ones(4, 12, dtype=torch.bool)
+    batch = {"plain_ids": plain, "plain_mask": mask, "has_plain": torch.tensor([True, False, True, False])}
+    s_cap = tower.encode_text(ids, mask)
+    loss = main.plain_consistency(tower, s_cap, batch)
+    target = tower.encode_text(plain, mask).detach()
+    ref = (1 - F.cosine_similarity(s_cap[[0, 2]], target[[0, 2]], dim=1)).mean()
+    assert torch.allclose(loss, ref) and loss > 0
+    loss.backward()
+    grad_rows = tower.emb.weight.grad.abs().sum(1) > 0
+    # only the query texts' own characters get a gradient (none through the keyword lists, rows 1 and 3 unused)
+    assert set(grad_rows.nonzero().squeeze(1).tolist()) == set(ids[[0, 2]].flatten().tolist())
+    # a text equal to its keyword list costs nothing; a batch without query texts gives an exact 0 with a graph
+    same = main.plain_consistency(tower, tower.encode_text(plain, mask), batch)
+    assert same.abs() < 1e-6
+    none = main.plain_consistency(tower, s_cap, dict(batch, has_plain=torch.zeros(4, dtype=torch.bool)))
+    assert none.item() == 0 and none.requires_grad
