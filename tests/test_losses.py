@@ -698,4 +698,3 @@ def test_attr_classifier_learns_and_aligns_the_towers():
     # one classifier for both: rows with the same labels end up near each other across the modalities
     same = (F.normalize(img, dim=1) * F.normalize(cap, dim=1)).sum(1)
     assert same.mean().item() > 0.3
-
