@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from backbone import create_backbone
 from search.charmap import CHARMAP_VERSION, DEFAULT_VOCAB_SIZE
-from text_encoder import create_text_encoder
+from text_encoder import TEXT_POOLS, create_text_encoder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -87,6 +87,8 @@ def validate_model_cfg(cfg):
                 and all(type(x) in (int, float) and math.isfinite(x) for x in v)) or (k == "std" and min(v) <= 0):
             raise ValueError(f"model_cfg {k} must be 3 finite numbers{' > 0' if k == 'std' else ''}, got {v!r:.60}")
     cfg["backbone_kwargs"] = _parse_kwargs(cfg.get("backbone_kwargs") or {})
+    if cfg.get("text_pool", "mean") not in TEXT_POOLS:
+        raise ValueError(f"model_cfg text_pool must be one of {TEXT_POOLS}, got {cfg.get('text_pool')!r:.40}")
     return cfg
 
 
@@ -127,6 +129,7 @@ def default_model_cfg(args, teacher_dim, teacher_name=""):
         "teacher_dim": int(teacher_dim) if teacher_dim else None,
         "teacher_name": str(teacher_name or ""),
         "stripes": _parse_stripes(opt("stripes", "auto")),
+        "text_pool": str(opt("text_pool", "mean")),
         "mean": [float(x) for x in opt("mean", IMAGENET_MEAN)],
         "std": [float(x) for x in opt("std", IMAGENET_STD)],
         "charmap_version": CHARMAP_VERSION,
@@ -227,7 +230,8 @@ class PersonSearchModel(nn.Module):
             self.image_head = ImageHead(self.backbone.num_features * max(1, n), self.feature_dim)
         self.text_encoder = create_text_encoder(cfg["text_backbone"], out_dim=self.feature_dim,
                                                 max_seq_length=cfg["max_seq_length"],
-                                                vocab_size=cfg["vocab_size"], embed_dim=cfg["embed_dim"])
+                                                vocab_size=cfg["vocab_size"], embed_dim=cfg["embed_dim"],
+                                                pool=cfg.get("text_pool", "mean"))  # older checkpoints: mean
 
     def encode_image(self, images):
         if self.text_only:

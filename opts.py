@@ -74,6 +74,9 @@ def get_args_parser(add_help=False):
                         "legs, feet keep their place; 'auto' = one per map row, at most 8) or 0 for the global pool")
     g.add_argument("--backbone_weights", default=None, help="local ImageNet state_dict for the tv_* backbones")
     g.add_argument("--text_backbone", default="char_small", help="text encoder size: char_tiny, char_small, char_base")
+    g.add_argument("--text_pool", default="mean", choices=["mean", "attn"],
+                   help="text tower pooling: mean of every character's output, or attn (a learnt per-character "
+                        "weight, softmax over the text; starts as the mean)")
     g.add_argument("--feature_dim", type=int, default=512, help="student embedding size (forced to the teacher's with --text_only)")
     g.add_argument("--max_seq_length", type=int, default=192,
                    help="characters per caption, including the leading CLS (longer ones are cut: 128 cut 6%% of "

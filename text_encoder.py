@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from search.charmap import DEFAULT_VOCAB_SIZE
 
+TEXT_POOLS = ("mean", "attn")
 TEXT_BACKBONES = {}  # name -> factory(out_dim, max_seq_length, vocab_size, embed_dim, **kw) -> CharTextEncoder
 
 
@@ -84,8 +85,11 @@ class Block(nn.Module):
 
 class CharTextEncoder(nn.Module):
     def __init__(self, out_dim, width=256, depth=4, heads=4, mlp_ratio=4.0, max_seq_length=128,
-                 vocab_size=DEFAULT_VOCAB_SIZE, embed_dim=256):
+                 vocab_size=DEFAULT_VOCAB_SIZE, embed_dim=256, pool="mean"):
         super().__init__()
+        if pool not in TEXT_POOLS:  # from checkpoints too
+            raise ValueError(f"text pool must be one of {TEXT_POOLS}, got {pool!r:.40}")
+        self.pool = pool
         self.max_seq_length, self.embed_dim, self.out_dim = max_seq_length, embed_dim, out_dim
         self.input_embeddings = nn.Embedding(vocab_size, embed_dim)  # taken out of the graph at export
         self.in_proj = nn.Linear(embed_dim, width) if embed_dim != width else nn.Identity()
@@ -93,7 +97,13 @@ class CharTextEncoder(nn.Module):
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
         self.norm = nn.LayerNorm(width)
         self.proj = nn.Linear(width, out_dim)
+        # attn: a learnt score per token, softmax over the real tokens -> weighted mean; lets label/lead
+        # characters drop out of the embedding (a mean gives every character the same say)
+        self.pool_score = nn.Linear(width, 1) if pool == "attn" else None
         self._init_weights(depth)
+        if self.pool_score is not None:  # zero: uniform weights, i.e. exactly the masked mean at the start
+            nn.init.zeros_(self.pool_score.weight)
+            nn.init.zeros_(self.pool_score.bias)
 
     def _init_weights(self, depth):
         for m in self.modules():
@@ -128,7 +138,11 @@ class CharTextEncoder(nn.Module):
             h = blk(h, bias)
         h = self.norm(h)
         m = mask[:, :, None]
-        pooled = (h * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)  # masked mean; pads contribute nothing
+        if self.pool_score is not None:
+            w = (self.pool_score(h) + (m - 1.0) * 1e4).softmax(dim=1)  # pads: weight exactly 0
+            pooled = (h * w).sum(dim=1)
+        else:
+            pooled = (h * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)  # masked mean; pads contribute nothing
         return self.proj(pooled)
 
     def no_weight_decay(self):

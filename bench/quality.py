@@ -86,6 +86,7 @@ ABLATIONS = {
     "+ real filler words (--filler_words 8000)": {"filler_words": 8000},
     "+ keyword-list consistency (--consist_weight 1)": {"consist_weight": 1},
     "+ teacher targets for query texts (--text_teacher attributes)": {"text_teacher": "attributes"},
+    "+ attention pooling of the text tower (--text_pool attn)": {"text_pool": "attn"},
 }
 # a run is reused only when these sources are unchanged (the student's code and its losses' defaults live here)
 TRAINING_SOURCES = ("main.py", "opts.py", "model.py", "losses.py", "data.py", "captions.py", "text_encoder.py",

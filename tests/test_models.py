@@ -13,7 +13,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from backbone import create_backbone, list_backbones, reparameterize_model  # noqa: E402
-from model import build_model, default_model_cfg  # noqa: E402
+from model import build_model, default_model_cfg, validate_model_cfg  # noqa: E402
 from search.charmap import encode_batch  # noqa: E402
 from text_encoder import create_text_encoder, list_text_backbones  # noqa: E402
 
@@ -146,10 +146,18 @@ def test_tv_weights_path(tmp_path):
 
 
 # ---------------------------------------------------------------- text encoder
+def _text_enc(name, pool, **kw):
+    enc = create_text_encoder(name, pool=pool, **kw)
+    if pool == "attn":  # non-uniform weights (zero-initialised, it starts as the mean)
+        nn.init.normal_(enc.pool_score.weight, std=1.0)
+    return enc
+
+
+@pytest.mark.parametrize("pool", ["mean", "attn"])
 @pytest.mark.parametrize("name", list_text_backbones())
-def test_text_shapes_and_grads(name):
+def test_text_shapes_and_grads(name, pool):
     torch.manual_seed(0)
-    enc = create_text_encoder(name, out_dim=48)
+    enc = _text_enc(name, pool, out_dim=48)
     y = enc(*ids_mask())
     assert y.shape == (3, 48) and torch.isfinite(y).all()
     (y * torch.randn_like(y)).sum().backward()
@@ -157,10 +165,11 @@ def test_text_shapes_and_grads(name):
     assert enc.input_embeddings.weight.shape == (8192, 256)
 
 
+@pytest.mark.parametrize("pool", ["mean", "attn"])
 @pytest.mark.parametrize("name", list_text_backbones())
-def test_text_padding_invariance(name):
+def test_text_padding_invariance(name, pool):
     torch.manual_seed(0)
-    enc = create_text_encoder(name, out_dim=48).eval()
+    enc = _text_enc(name, pool, out_dim=48).eval()
     with torch.no_grad():
         ref = enc(*ids_mask(max_len=40))
         for L in (36, 64):  # 36 >= the longest text + CLS, so nothing is truncated
@@ -179,6 +188,17 @@ def test_text_too_long_is_refused():
         enc(*ids_mask(max_len=17))
     with pytest.raises(ValueError):
         create_text_encoder("char_nope", out_dim=8)
+    with pytest.raises(ValueError, match="text pool"):
+        create_text_encoder("char_tiny", out_dim=8, pool="max")
+
+
+def test_attn_pool_starts_as_the_mean():
+    torch.manual_seed(0)
+    attn = create_text_encoder("char_tiny", out_dim=16, pool="attn")
+    mean = create_text_encoder("char_tiny", out_dim=16)
+    mean.load_state_dict({k: v for k, v in attn.state_dict().items() if not k.startswith("pool_score")})
+    with torch.no_grad():
+        torch.testing.assert_close(attn(*ids_mask()), mean(*ids_mask()), rtol=1e-5, atol=1e-6)
 
 
 def _export_text(enc, path, exporter):
@@ -205,12 +225,13 @@ def _export_text(enc, path, exporter):
     return w
 
 
+@pytest.mark.parametrize("pool", ["mean", "attn"])
 @pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
-def test_text_onnx_export(tmp_path, exporter):
+def test_text_onnx_export(tmp_path, exporter, pool):
     import onnx
     import onnxruntime as ort
     torch.manual_seed(0)
-    enc = create_text_encoder("char_tiny", out_dim=32, max_seq_length=32)
+    enc = _text_enc("char_tiny", pool, out_dim=32, max_seq_length=32)
     path = tmp_path / "text.onnx"
     w = _export_text(enc, path, exporter)
     graph = onnx.load(str(path)).graph
@@ -261,7 +282,7 @@ def test_text_only_mode():
 
 
 @pytest.mark.parametrize("kw", [dict(), dict(backbone="repconv_tiny", backbone_kwargs='{"width_mult": 0.5}'),
-                                dict(text_only=True)])
+                                dict(text_only=True), dict(text_pool="attn")])
 def test_cfg_json_roundtrip_loads_strictly(kw):
     torch.manual_seed(0)
     cfg = small_cfg(**kw)
@@ -277,6 +298,15 @@ def test_cfg_json_roundtrip_loads_strictly(kw):
     torch.testing.assert_close(b[1], a[1])
     if a[0] is not None:
         torch.testing.assert_close(b[0], a[0])
+
+
+def test_text_pool_from_a_checkpoint_cfg():
+    cfg = small_cfg()
+    old = {k: v for k, v in cfg.items() if k != "text_pool"}  # checkpoints from before --text_pool: the mean
+    assert build_model(old).text_encoder.pool == "mean"
+    assert build_model(small_cfg(text_pool="attn")).text_encoder.pool_score is not None
+    with pytest.raises(ValueError, match="text_pool"):
+        validate_model_cfg(dict(cfg, text_pool="__import__('os')"))
 
 
 def test_default_model_cfg_parsing():
