@@ -651,15 +651,13 @@ def plain_caption(attributes, fields, lang="en"):
     for f in ATTRIBUTE_FIELDS:
         if f not in fields or not a[f]:
             continue
-        v = a[f]
         if f == "gender":
-            kind = gender_kind(v)
+            kind = gender_kind(a[f])
             if kind == "unknown":
                 continue
-            v = "man" if kind == "male" else "woman"
-            parts.append(v if lang == "en" else ("男" if kind == "male" else "女"))
+            parts.append(("man" if kind == "male" else "woman") if lang == "en" else ("男" if kind == "male" else "女"))
         else:
-            parts.append(v if lang == "en" else translate_phrase(v))
+            parts.append(a[f] if lang == "en" else translate_phrase(a[f]))
     return (", " if lang == "en" else "，").join(parts)
 
 

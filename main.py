@@ -439,9 +439,10 @@ class TextTeacher:
         self.n_texts = 0
 
     @classmethod
-    def load(cls, args, cache, records, train_idx, n_check=8):
+    def load(cls, args, cache, records, offsets, train_idx, n_check=8):
         """Load --text_teacher and check it against the cache: it must reproduce the cache's embeddings of a few
-        English captions, or its targets would live in another space than the cached image rows."""
+        English captions, or its targets would live in another space than the cached image rows. `offsets`: the
+        records' first caption rows (the dataset's data_lib.caption_offsets)."""
         from teachers import TeacherLoadError, load_teacher
         try:
             teacher = load_teacher(args.text_teacher, args.device)
@@ -452,7 +453,7 @@ class TextTeacher:
                  f"{args.embedding_path} holds {cache.dim}: not the cache's teacher")
         dtype = torch.bfloat16 if args.device == "cpu" and cpu_has_native_bf16() else None
         self = cls(teacher, dtype)
-        offsets, done, arr = data_lib.caption_offsets(records), cache.done("caption"), cache.array("caption")
+        done, arr = cache.done("caption"), cache.array("caption")
         rows, texts = [], []
         for r in train_idx:
             caps, row = records[r]["captions"], int(offsets[r])
@@ -606,7 +607,7 @@ def main(args):
         ds, sampler, train_idx, val_idx, attr_vocab = build_data(args, records, cache)
     except ValueError as e:
         fail(e)
-    text_teacher = TextTeacher.load(args, cache, records, train_idx) if args.text_teacher else None
+    text_teacher = TextTeacher.load(args, cache, records, ds.offsets, train_idx) if args.text_teacher else None
 
     # ---- resume or fresh start (checked before the run folder is created)
     run_dir = choose_run_dir(args)

@@ -61,7 +61,7 @@ def get_args_parser(add_help=False):
                         "tools/extract_label.py), loaded here to embed each step's query-like texts (--augment_prob), "
                         "which have no cache row: they are then distilled like the dataset captions (fd, rkd, "
                         "dist_rel) instead of only pulled to their image. Checked against the cache's caption rows "
-                        "at start. '' = off. Costs one teacher text forward of ~16 short texts per step")
+                        "at start. '' = off. Costs one teacher text forward per step (~8 short texts at batch 64)")
     g.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="DataLoader workers per process (default: 4, or the CPU count when lower)")
 

@@ -15,7 +15,9 @@ Unsqueeze; the TorchScript exporter also Gathers from shape vectors, never from 
 GELU: Gelu/Erf are missing on many NPUs.
 Pooling is the masked mean over all real tokens (CLS included), not the CLS output: with only 2-6 layers
 every character then has a direct path to the embedding, where a CLS readout would depend on attention
-having gathered everything into one token (and the sentence-transformers teacher mean-pools too).
+having gathered everything into one token (and the sentence-transformers teacher mean-pools too). `pool="attn"`
+(`--text_pool attn`, not in the recipe) weighs the characters by a learnt score instead (softmax over the real
+tokens, zero-initialised: it starts as the mean), with the same ops.
 """
 import math
 
