@@ -525,6 +525,41 @@ def caption_vocabulary(captions_iter):
     return words
 
 
+def query_vocabulary(captions_iter, attributes_iter=(), compose_per_record=1, seed=0):
+    """Every English word the student's training texts use (search/query_words.py: a query drops the words
+    outside it): the words of the given captions, of the attribute strings, of composed captions of those
+    attributes and of every fixed list augment_caption draws from (labels, leads, connectors, fillers,
+    synonyms). The invented words and --filler_words real words are left out on purpose: they were trained as
+    noise, and a query is better off without them."""
+    from search.query_words import words_of
+    words, rng = set(), random.Random(f"query_vocabulary/{seed}")
+    for c in captions_iter:
+        words.update(words_of(c))
+    for a in attributes_iter:
+        if not a:
+            continue
+        words.update(words_of(a.replace(",", " ")))
+        words.update(words_of(prompt_caption(a)))
+        for _ in range(compose_per_record):
+            words.update(words_of(compose_caption(a, rng, "en")))
+
+    def flat(x):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                yield from flat(k)
+                yield from flat(v)
+        elif isinstance(x, (list, tuple, set, frozenset)):
+            for v in x:
+                yield from flat(v)
+        elif isinstance(x, str):
+            yield x
+    for lst in (EN_NOUNS, EN_PRONOUN, EN_SYNONYMS, EN_GENDER, EN_LABELS, _EN_CONNECT, _EN_LEADS, _EN_DETS,
+                _EN_FILLERS, _EN_VALUE_LEADS, MALE, FEMALE):
+        for s in flat(lst):
+            words.update(words_of(s))
+    return words
+
+
 def _invented(rng, words=None):
     """A word that means nothing about a person: a real one from `words` (filler_words) or an invented one."""
     if words and rng.random() < 0.6:
@@ -565,6 +600,29 @@ def _en_value(f, v, rng, syn_p, labelled):
 
 def _noise_en(rng, words=None):
     return _invented(rng, words) if rng.random() < 0.5 else rng.choice(_EN_FILLERS)
+
+
+_NOISE_WRAPS = ["{}", "{}", "{}", "{} -", "{}:", "({})", "{},", "- {} -", "{} ="]
+
+
+def insert_noise_words(text, rng, words=None, max_chars=None):
+    """`text` with 1-6 meaningless words inserted at random word boundaries (main.py's --noise_word_prob).
+
+    The words come from `words` (filler_words: real English words no training caption uses) or are invented, alone
+    or in pairs, bare or dressed as a label ("kettle -", "(harbour)", "vintage:"). A query typed by a person carries
+    words the captions never use -- "Upper garment - red shirt", "looking for a", a camera name -- and a mean of
+    character features moves with every one of them; the text keeps its teacher target, so the student learns that
+    words outside the caption vocabulary say nothing. English only (Chinese has no word boundaries to insert at).
+    A result longer than `max_chars` is not returned: the text comes back unchanged rather than truncated."""
+    toks = text.split(" ")
+    for _ in range(rng.choice([1, 1, 2, 2, 3, 4, 6])):
+        w = " ".join(_invented(rng, words) for _ in range(rng.choice([1, 1, 1, 2])))
+        w = rng.choice(_NOISE_WRAPS).format(w)
+        r = rng.random()
+        w = w.title() if r < 0.2 else w.upper() if r < 0.25 else w
+        toks.insert(rng.randrange(len(toks) + 1), w)
+    out = " ".join(t for t in toks if t)
+    return text if max_chars is not None and len(out) > max_chars else out
 
 
 def augment_caption(attributes, rng, lang="en", words=None):

@@ -196,4 +196,8 @@ if __name__ == "__main__":
     print(f"keys: {sorted(ck)}")
     print(f"step: {ck.get('step')}  tensors: {len(ck['model'])}  "
           f"params: {sum(v.numel() for v in ck['model'].values()) / 1e6:.3f}M")
-    print(f"model_cfg: {ck['model_cfg']}")
+    cfg = dict(ck["model_cfg"])
+    if isinstance(cfg.get("query_vocab"), (list, tuple)):  # thousands of words: say how many, show a few
+        qv = cfg["query_vocab"]
+        cfg["query_vocab"] = f"<{len(qv)} words: {', '.join(map(str, qv[:8]))}{', ...' if len(qv) > 8 else ''}>"
+    print(f"model_cfg: {cfg}")

@@ -29,7 +29,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from captions import augment_caption, compose_caption_pair, mentioned_fields, plain_caption
+from captions import augment_caption, compose_caption_pair, insert_noise_words, mentioned_fields, plain_caption
 from cli import fail
 from search.charmap import encode_batch
 from search.imaging import is_regular_file, to_rgb
@@ -346,7 +346,7 @@ class DistillDataset(Dataset):
     def __init__(self, records, indices, cache=None, image_size=(224, 112), train=True, max_seq_length=128,
                  vocab_size=8192, compose_prob=0.0, compose_zh_prob=0.5, langs=("en", "zh"), seed=0,
                  mean=IMAGENET_MEAN, std=IMAGENET_STD, augment_prob=0.0, attr_vocab=None, return_text=False,
-                 filler_words=(), plain_targets=False):
+                 filler_words=(), plain_targets=False, noise_word_prob=0.0):
         bad = [l for l in langs if l not in LANGS]
         if bad or not langs:
             raise ValueError(f"langs must be a non-empty subset of {LANGS}, got {tuple(langs)}")
@@ -357,6 +357,7 @@ class DistillDataset(Dataset):
         self.return_text = bool(return_text)  # items carry their text (for main.py's --text_teacher)
         self.filler_words = tuple(filler_words)  # real words augment_caption may wrap around the attributes
         self.plain_targets = bool(plain_targets)  # query-like items also carry their bare keyword list
+        self.noise_word_prob = float(noise_word_prob)  # English texts that get meaningless words inserted
         self.max_seq_length, self.vocab_size, self.seed, self.epoch = max_seq_length, vocab_size, seed, 0
         gen = self.compose_prob > 0 or self.augment_prob > 0  # captions can be generated from the attributes
         if hasattr(records, "usable"):  # a record store: the same rule on its columns, no per-record objects
@@ -453,8 +454,12 @@ class DistillDataset(Dataset):
             cap_row = rows[rng.randrange(len(rows))]
             k, n_en = cap_row - int(self.offsets[r]), len(rec["captions"])
             text = rec["captions"][k] if k < n_en else rec["captions_zh"][k - n_en]
+            zh = k >= n_en
             # a Chinese row names what its parallel English caption names
             fields = mentioned_fields(attrs, rec["captions"][k if k < n_en else k - n_en]) if attrs else set()
+        # only drawn when on: with the default the random stream (and so a run) is exactly what it was
+        if self.noise_word_prob > 0 and not zh and rng.random() < self.noise_word_prob:
+            text = insert_noise_words(text, rng, self.filler_words or None, max_chars=self.max_seq_length)
         ids, mask = encode_batch([text], max_len=self.max_seq_length, vocab_size=self.vocab_size)
         t_img, has_img = self._emb("image", r)
         t_cap, has_cap = self._emb("caption", cap_row)

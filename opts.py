@@ -51,6 +51,11 @@ def get_args_parser(add_help=False):
                         "fillers) drawn from this many frequent words, minus every word of the training captions, "
                         "so that words the captions never use are ignored; 0 = invented words only (e.g. 8000; not "
                         "in the recipe: no gain measured on validation, README 1. Data)")
+    g.add_argument("--noise_word_prob", type=float, default=0.0,
+                   help="probability of inserting 1-6 meaningless words (--filler_words real words or invented "
+                        "ones, bare or as labels: 'kettle - red shirt') into an English training text at random "
+                        "word boundaries, its teacher target unchanged, so words no caption uses stop moving the "
+                        "embedding (captions.insert_noise_words); 0 = off")
     g.add_argument("--consist_weight", type=float, default=0.0,
                    help="weight of the term that pulls each query-like text's embedding to that of its bare keyword "
                         "list (captions.plain_caption, no gradient through the latter): labels, leads and filler "

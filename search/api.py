@@ -81,6 +81,9 @@ def get_onnx_model_args_parser(add_help=False):
     p.add_argument("--text-model", "--text_model", dest="text_model", default=None,
                    help="path of model_text.onnx (model_info.json and input_embeddings.pt.npy beside it)")
     p.add_argument("--model_dir", "--model-dir", dest="model_dir", default=None, help="export folder")
+    p.add_argument("--query_filter", "--query-filter", dest="query_filter", type=int, choices=(0, 1), default=1,
+                   help="1: leave out the query words the student never saw (the export's query_vocab.txt, "
+                        "search/query_words.py); 0: encode the query as typed")
     return p
 
 
@@ -150,6 +153,10 @@ class Searcher:
             notes.append("empty query: nothing to search for")
             results = []
         else:
+            prepare = getattr(self.encoder, "prepare", None)
+            read = prepare(query) if prepare else query
+            if read != query:
+                notes.append(f"words the student never saw were left out; it read: '{display(read)}'")
             if kept < n:
                 notes.append(f"query truncated to its first {kept} of {n} characters (the text model's "
                              f"max_seq_length is {kept + 1} tokens including [CLS])")
@@ -195,7 +202,8 @@ def main(args):
     if data_args_problem(args):
         fail(data_args_problem(args))
     try:
-        enc = TextEncoder(args.model_dir, args.text_model, threads=args.threads)
+        enc = TextEncoder(args.model_dir, args.text_model, threads=args.threads,
+                          filter_queries=bool(args.query_filter))
         store = open_store(args, log=lambda m: print(m, file=sys.stderr, flush=True))
         s = Searcher(enc, args.image_feature, image_root=args.image_root, store=store, folder=args.folder,
                      expr=args.filter)

@@ -39,7 +39,8 @@ def get_args_parser(add_help=True):
 
 def main(args):
     try:
-        enc = TextEncoder(args.model_dir, args.text_model, threads=args.threads)
+        enc = TextEncoder(args.model_dir, args.text_model, threads=args.threads,
+                          filter_queries=bool(args.query_filter))
         main_serve(args, enc, "Person search (ONNX)")
     except (CollectionError, ExportError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

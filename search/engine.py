@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from search.charmap import CHARMAP_VERSION, encode_batch, load_table, lookup, normalize_text
+from search.query_words import QueryVocabError, load_query_vocab
 from search.imaging import to_rgb
 
 MODEL_INFO = "model_info.json"
@@ -221,7 +222,7 @@ class TextEncoder:
 
     kind = "onnx"
 
-    def __init__(self, model_dir=None, text_model=None, threads=None):
+    def __init__(self, model_dir=None, text_model=None, threads=None, filter_queries=True):
         info = model_dir if isinstance(model_dir, dict) else load_export(resolve_model_dir(model_dir, text_model))
         if text_model:  # an explicit file wins over model_info's name (e.g. a renamed / quantised copy)
             info = dict(info, _text_model=str(Path(text_model).resolve()))
@@ -242,6 +243,14 @@ class TextEncoder:
             raise ExportError(f"{p}: table shape {self.table.shape} does not fit vocab_size {self.vocab_size}")
         # one thread by default: a single query through a small Transformer has too little work to split, and a
         # server gets its parallelism from concurrent requests instead
+        # the student's word list (query_words.py): a query drops the words the student never saw
+        self.query_vocab = None
+        if filter_queries and info.get("query_vocab"):
+            qp = Path(info["_dir"]) / Path(str(info["query_vocab"])).name  # beside model_info.json, nowhere else
+            try:
+                self.query_vocab = load_query_vocab(qp)
+            except QueryVocabError as e:
+                raise ExportError(str(e)) from None
         self.sess = make_session(info["_text_model"], threads or 1)
         names = [i.name for i in self.sess.get_inputs()]
         if set(names) != {"text_embeds", "text_mask"}:
@@ -257,15 +266,21 @@ class TextEncoder:
             # (the graph's shape is the truth: export_model.py keeps it <= max_seq_length)
             self.max_seq_length = shp[1]
 
+    def prepare(self, text):
+        """The text the model reads: the query without the words the student never saw (if the export has a
+        word list and filtering is on)."""
+        return self.query_vocab.filter(text) if self.query_vocab is not None else text
+
     def truncation(self, text):
-        """Number of characters kept and the original count, after normalisation (CLS takes one slot)."""
-        n = len(normalize_text(text))
+        """Number of characters kept and the original count, after filtering and normalisation (CLS takes one
+        slot)."""
+        n = len(normalize_text(self.prepare(text)))
         return min(n, self.max_seq_length - 1), n
 
     def encode(self, texts):
         if isinstance(texts, str):
             texts = [texts]
-        ids, mask = encode_batch(list(texts), self.max_seq_length, self.vocab_size)
+        ids, mask = encode_batch([self.prepare(t) for t in texts], self.max_seq_length, self.vocab_size)
         if self.dynamic_length:
             # Run only as many positions as the longest text needs: padding is masked out, so the result is the
             # same (export_model.py verifies shorter L), and a 20-character query costs ~1/3 of a 64-token run.

@@ -380,6 +380,25 @@ def test_items_mark_query_texts_for_an_online_teacher(ds_setup):
     assert "text" not in data.DistillDataset(recs, range(len(recs)), cache=cache, image_size=SIZE)[0]
 
 
+def test_noise_words_only_in_english_texts_and_off_by_default(ds_setup):
+    """--noise_word_prob: English texts (dataset rows, composed, query-like) gain words and keep their teacher
+    targets; Chinese rows never change; with 0 the items are exactly those of a dataset without the option."""
+    recs, cache = ds_setup
+    kw = dict(cache=cache, image_size=SIZE, augment_prob=0.3, compose_prob=0.2, seed=5, return_text=True)
+    base = _items(data.DistillDataset(recs, range(len(recs)), **kw))
+    assert _same(base, _items(data.DistillDataset(recs, range(len(recs)), noise_word_prob=0.0, **kw)))
+    noisy = _items(data.DistillDataset(recs, range(len(recs)), noise_word_prob=1.0, **kw))
+    changed = 0
+    for a, b in zip(base, noisy):
+        assert a["cap_row"] == b["cap_row"] and torch.equal(a["t_cap_emb"], b["t_cap_emb"])
+        if any("\u4e00" <= ch <= "\u9fff" for ch in a["text"]):
+            assert a["text"] == b["text"]  # Chinese: no word boundaries, never touched
+        elif a["text"] != b["text"]:
+            changed += 1
+            assert len(b["text"].split()) > len(a["text"].split())
+    assert changed >= len(base) // 4
+
+
 def _items(ds):
     return [ds[i] for i in range(len(ds))]
 

@@ -170,7 +170,7 @@ def test_files_and_model_info(exported):
                     "teacher_space": False, "teacher": "toy/teacher", "backbone": "repconv_tiny",
                     "text_backbone": "char_tiny", "image_model": "model_image.onnx",
                     "text_model": "model_text.onnx", "input_embeddings": "input_embeddings.pt.npy",
-                    "static_shapes": None,
+                    "query_vocab": None, "static_shapes": None,
                     "input_shapes": {"model_image.onnx": {"image": ["batch", 3, 64, 32]},
                                      "model_text.onnx": {"text_embeds": ["batch", "seq", EMB],
                                                          "text_mask": ["batch", "seq"]}}}
@@ -505,3 +505,35 @@ def test_text_only_int8(tmp_path, synth_data):
     assert v["image_model"] is None and v["parity"]["cos_image"] is None and v["parity"]["r1"] is None
     assert v["parity"]["cos_text"] >= 0.99 and (out / "model_text.int8.onnx").exists()
     assert not (out / "model_image.int8.onnx").exists()
+
+
+def test_query_vocab_travels_to_search_and_filters_queries(tmp_path, capsys):
+    """A checkpoint's word list becomes query_vocab.txt; search's TextEncoder then drops the words it lacks (and
+    not with filter_queries=False); an export of a checkpoint without one removes an earlier export's file; a
+    malformed list is one line at load time."""
+    from search.engine import ExportError, TextEncoder
+    ckpt = _make_ckpt(tmp_path / "student.pt")
+    d = load_checkpoint(ckpt)
+    words = ["a", "man", "in", "blue", "coat", "with", "black", "backpack"]
+    save_checkpoint(ckpt, {**d, "model_cfg": {**d["model_cfg"], "query_vocab": words}})
+    out = tmp_path / "out"
+    with torch.no_grad():
+        export_model.export(_args(ckpt, out))
+    info = json.loads((out / "model_info.json").read_text())
+    assert info["query_vocab"] == "query_vocab.txt"
+    assert (out / "query_vocab.txt").read_text().split() == sorted(words)
+    enc, raw = TextEncoder(str(out)), TextEncoder(str(out), filter_queries=False)
+    q, plain = "looking for a man in a blue coat with a black backpack", "a man in a blue coat with a black backpack"
+    assert enc.prepare(q) == plain and raw.prepare(q) == q
+    assert np.allclose(enc.encode([q]), raw.encode([plain]), atol=1e-5)
+    assert _cos_min(raw.encode([q]), raw.encode([plain])) < 0.9999  # the dropped words did change the embedding
+    assert enc.prepare("穿红色外套的女人 wearing") == "穿红色外套的女人"  # other scripts kept, unknown Latin dropped
+    (out / "query_vocab.txt").write_text("man\nNot A Word!\n")
+    with pytest.raises(ExportError, match="query_vocab.txt.*not a lower-case word") as e:
+        TextEncoder(str(out))
+    assert "\n" not in str(e.value)
+    save_checkpoint(ckpt, d)  # no word list: the old file goes, model_info says none
+    with torch.no_grad():
+        export_model.export(_args(ckpt, out))
+    assert not (out / "query_vocab.txt").exists() and json.loads((out / "model_info.json").read_text())["query_vocab"] is None
+    assert TextEncoder(str(out)).prepare(q) == q

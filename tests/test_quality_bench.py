@@ -67,11 +67,14 @@ def test_commands_wall_time_and_json(smoke):
     res = json.loads((folder / "quality.json").read_text())
     for col in ("teacher", "student", "text_only"):
         assert isinstance(res[col]["eer"], float) and isinstance(res[col]["r1"], float)
-        names = {"en", "new-en", "zh", "new-zh", "keywords", "fragment", "fields", "reordered", "search",
-                 "keywords-zh", "search-zh"}
+        forms = {"keywords", "fragment", "fields", "reordered", "search", "keywords+noise", "keywords-zh",
+                 "search-zh"}
+        names = {"en", "new-en", "zh", "new-zh"} | forms
         assert set(res[col]["paraphrase_r1"]) == names and set(res[col]["attr_r1"]) == names
         for k in names:  # attribute match counts every identity hit, and more
             assert res[col]["attr_r1"][k] >= res[col]["paraphrase_r1"][k] - 1e-9, (col, k)
+        if col != "teacher":  # the students' forms once more with every word kept; main.py stored a word list
+            assert set(res[col]["unfiltered_r1"]) == forms and res[col]["query_vocab_words"] > 50
     for name in ("det", "retrieval", "learning_curve"):
         png = Path(res["student"]["plots"][name])
         assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

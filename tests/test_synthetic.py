@@ -327,6 +327,26 @@ def test_filler_words_are_real_words_no_caption_uses():
     assert captions.filler_words(n=0) == ()
 
 
+def test_insert_noise_words_keeps_the_text_and_adds_only_meaningless_words():
+    """--noise_word_prob: the original words stay, in order; what is added comes from the word list (or is
+    invented), never a caption or attribute word; a result over max_chars comes back as the unchanged text."""
+    words = captions.filler_words(captions.caption_vocabulary(["A man in a red shirt."]))
+    text = "The woman in a white coat and black trousers, carrying a black handbag."
+    rng, added, lengths = random.Random(3), set(), set()
+    for _ in range(400):
+        out = captions.insert_noise_words(text, rng, words)
+        toks = out.split()
+        it = iter(toks)
+        assert all(t in it for t in text.split())  # the text's words, in their order (a subsequence)
+        new = [t for t in toks if t not in text.split()]
+        lengths.add(len(out.split()) - len(text.split()))
+        added |= {w for t in new for w in captions._words(t.lower())}
+    assert not added & (captions._known_words() | set(captions._words(text.lower())))
+    assert len(added & set(words)) > 50 and min(lengths) >= 1 and max(lengths) >= 6
+    assert captions.insert_noise_words(text, random.Random(1), words, max_chars=len(text)) == text
+    assert any(captions.insert_noise_words("red shirt", random.Random(s), None) != "red shirt" for s in range(3))
+
+
 def test_plain_caption_is_the_bare_keyword_list_of_the_named_fields():
     a = "Gentleman,short black hair,blue striped shirt,gray trousers,unknown,black backpack"
     assert captions.plain_caption(a, {"carried", "gender", "upper"}) == "man, blue striped shirt, black backpack"

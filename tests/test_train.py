@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from checkpoint import save_checkpoint
 from train_fixtures import make_fake_cache
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +62,19 @@ def test_train_logs_checkpoints_and_eval(synth_data, cache, tmp_path):
     assert not list(d.glob("*.tmp*"))
     ck = torch.load(d / "last.pt", weights_only=True)
     assert ck["step"] == 12 and ck["model_cfg"]["feature_dim"] == 32 and ck["args"]["iters"] == 12
+    # the training texts' words travel with the model (search/query_words.py), and tools/query_vocab.py gives an
+    # older checkpoint exactly the list main.py stores
+    qv = ck["model_cfg"]["query_vocab"]
+    assert qv == sorted(set(qv)) and {"man", "woman", "shirt", "wearing", "search", "top"} <= set(qv)
+    old = tmp_path / "old.pt"
+    save_checkpoint(old, {**ck, "model_cfg": {k: v for k, v in ck["model_cfg"].items() if k != "query_vocab"}})
+    t = subprocess.run([sys.executable, str(ROOT / "tools" / "query_vocab.py"), str(old)], capture_output=True,
+                       text=True, env=ENV, timeout=300, cwd=ROOT)
+    assert t.returncode == 0, t.stderr[-2000:]
+    assert torch.load(old, weights_only=True)["model_cfg"]["query_vocab"] == qv
+    t = subprocess.run([sys.executable, str(ROOT / "tools" / "query_vocab.py"), str(old)], capture_output=True,
+                       text=True, env=ENV, timeout=300, cwd=ROOT)
+    assert t.returncode != 0 and "already has a word list" in t.stderr and "Traceback" not in t.stderr
     assert json.loads((d / "args.json").read_text())["backbone"] == "mobile_tiny"
 
     # evaluation_model.py rebuilds the model from the checkpoint alone and prints the seed's table

@@ -1,0 +1,109 @@
+"""The student's word list and the query filter built on it, shared by evaluation (torch) and search (stdlib only).
+
+A character-level student knows only the words its training texts used. A word it never saw cannot tell it
+anything about a person, yet every character of it moves the pooled embedding: on a fresh validation gallery
+(bench/wording_val.py, the stop-5 full-bench student) four unseen words in a keyword query took R@1 from 79.7 to
+42.2, a made-up lead ("mater triangular man, ...") to 54.5. So a query drops its Latin-script words that are
+neither in the list nor one edit (a typo: an extra, a missing, a changed or two swapped letters) away from a
+word of it, before it is encoded; everything else -- punctuation, digits, Chinese and any other script -- is
+kept as typed. A query that would lose every word is kept whole. Training never filters.
+
+This module is THE one definition of the format (main.py builds it, the checkpoint's model_cfg carries it as
+"query_vocab", export_model.py writes it, search/ reads it):
+  query_vocab.txt   UTF-8, one lower-case word per line ([a-z] and inner ' or -), sorted, no duplicates;
+                    model_info.json's "query_vocab" names the file (absent: no filtering, as before).
+
+    qv = QueryVocab(["a", "man", "in", "red", "shirt"])
+    qv.filter("looking for a man in a red shrit!")   # -> "a man in a red shrit!" (one-edit typo kept)
+"""
+import re
+
+_WORD = re.compile(r"[A-Za-z\u00C0-\u024F]+(?:['\-][A-Za-z\u00C0-\u024F]+)*")
+_VALID = re.compile(r"[a-z\u00C0-\u024F]+(?:['\-][a-z\u00C0-\u024F]+)*")
+MAX_WORDS = 2_000_000
+QUERY_VOCAB_FILE = "query_vocab.txt"
+
+
+class QueryVocabError(ValueError):
+    pass
+
+
+def _deletes(w):
+    return {w[:i] + w[i + 1:] for i in range(len(w))}
+
+
+class QueryVocab:
+    """A set of words plus their one-deletion variants (so one-edit typos are matched in O(len(word)))."""
+
+    def __init__(self, words):
+        words = sorted({str(w).lower() for w in words})
+        bad = [w for w in words if not _VALID.fullmatch(w)]
+        if bad:
+            raise QueryVocabError(f"query vocabulary entry {bad[0]!r:.40} is not a lower-case word")
+        if len(words) > MAX_WORDS:
+            raise QueryVocabError(f"query vocabulary has {len(words)} words (at most {MAX_WORDS})")
+        self.words = tuple(words)
+        self._set = frozenset(words)
+        self._del = frozenset(d for w in words if len(w) >= 4 for d in _deletes(w))
+
+    def __len__(self):
+        return len(self.words)
+
+    def knows(self, word):
+        w = word.lower()
+        if w in self._set:
+            return True
+        parts = re.split(r"['\-]", w)
+        if len(parts) > 1 and all(p in self._set for p in parts if p):
+            return True  # "t-shirt" / "light-blue" from known parts
+        if len(w) < 4:  # short words: exact only (one edit from "a", "in", "on" is half the alphabet)
+            return False
+        d = _deletes(w)
+        # an extra letter (d in set), a missing one (w in the deletion set), a changed or swapped one (d & del)
+        return bool(d & self._set) or w in self._del or bool(d & self._del)
+
+    def filter(self, text):
+        """`text` without its Latin words this vocabulary does not know (see the module docstring)."""
+        kept, dropped = [], False
+        out = []
+        pos = 0
+        for m in _WORD.finditer(text):
+            out.append(text[pos:m.start()])
+            if self.knows(m.group(0)):
+                out.append(m.group(0))
+                kept.append(m.group(0))
+            else:
+                dropped = True
+            pos = m.end()
+        out.append(text[pos:])
+        if not dropped:
+            return text
+        if not kept and not re.search(r"[^\W\d_A-Za-z\u00C0-\u024F]", text):
+            return text  # nothing the student knows, and no other script either: the query as typed
+        return " ".join("".join(out).split())
+
+    def to_text(self):
+        return "".join(w + "\n" for w in self.words)
+
+    @classmethod
+    def from_text(cls, s, where="query vocabulary"):
+        try:
+            return cls(line.strip() for line in s.splitlines() if line.strip())
+        except QueryVocabError as e:
+            raise QueryVocabError(f"{where}: {e}") from None
+
+
+def words_of(text):
+    """The lower-case words of a text as the vocabulary stores them ('t-shirt' -> 't', 'shirt')."""
+    return [p for m in _WORD.finditer(text) for p in re.split(r"['\-]", m.group(0).lower()) if p]
+
+
+def load_query_vocab(path):
+    """QueryVocab of a query_vocab.txt; QueryVocabError (one line) for an unreadable or malformed file."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(64 << 20)
+        s = raw.decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise QueryVocabError(f"{path}: cannot read the query vocabulary ({e})") from None
+    return QueryVocab.from_text(s, str(path))

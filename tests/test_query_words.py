@@ -1,0 +1,63 @@
+"""search/query_words.py: the student's word list and the query filter (stdlib only, like the rest of search/)."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from search.query_words import QueryVocab, QueryVocabError, load_query_vocab, words_of  # noqa: E402
+
+WORDS = ["a", "man", "woman", "in", "red", "shirt", "t", "blue", "jeans", "with", "black", "backpack", "hair"]
+
+
+def test_unknown_words_go_known_words_and_everything_else_stay():
+    qv = QueryVocab(WORDS)
+    assert qv.filter("a man in a red shirt") == "a man in a red shirt"  # nothing unknown: the text itself
+    assert qv.filter("Looking for a man in a RED shirt!") == "a man in a RED shirt!"  # case kept, punctuation kept
+    assert qv.filter("Sex - man. Upper garment - red t-shirt.") == "- man. - red t-shirt."
+    assert qv.filter("man, camera 3, 14:02, blue jeans") == "man, 3, 14:02, blue jeans"  # digits are not words
+    assert qv.filter("穿红色外套的女人, wearing red") == "穿红色外套的女人, red"
+    assert qv.filter("frobnicate quux") == "frobnicate quux"  # nothing known, no other script: as typed
+    assert qv.filter("") == ""
+
+
+def test_one_edit_typos_of_long_words_are_kept_short_words_exact():
+    qv = QueryVocab(WORDS)
+    for typo in ("jaens", "jeens", "jean", "jeanss", "backpak", "bakcpack", "wooman"):
+        assert qv.knows(typo), typo
+    for other in ("jumper", "jacket", "ab", "im", "re", "blues-rock"):
+        assert not qv.knows(other), other
+    assert qv.knows("t-shirt") and qv.knows("Black-Red")  # hyphen words: known when every part is
+    assert not qv.knows("black-tie") and QueryVocab(WORDS + ["black-tie"]).knows("Black-Tie")
+
+
+def test_file_round_trip_and_one_line_refusals(tmp_path):
+    qv = QueryVocab(words_of("The man's T-shirt, blue jeans; a backpack. Émile"))
+    assert qv.words == ("a", "backpack", "blue", "jeans", "man", "s", "shirt", "t", "the", "émile")
+    p = tmp_path / "query_vocab.txt"
+    p.write_text(qv.to_text(), encoding="utf-8")
+    assert load_query_vocab(p).words == qv.words
+    for content, pat in ((b"man\nRed Shirt\n", "not a lower-case word"), (b"\xff\xfe", "cannot read"),
+                         (b"man\n1234\n", "not a lower-case word")):
+        p.write_bytes(content)
+        with pytest.raises(QueryVocabError, match=pat) as e:
+            load_query_vocab(p)
+        assert "\n" not in str(e.value)
+    with pytest.raises(QueryVocabError, match="cannot read"):
+        load_query_vocab(tmp_path / "missing.txt")
+
+
+def test_search_side_module_imports_no_torch():
+    code = "import sys; import search.query_words, search.engine; assert 'torch' not in sys.modules"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_evaluation_filters_with_the_checkpoints_list_and_old_checkpoints_read_as_typed():
+    import evaluation_model
+    q = "looking for a man in a red shirt"
+    assert evaluation_model.query_filter({})(q) == q  # written before the list existed: no filtering
+    assert evaluation_model.query_filter({"query_vocab": WORDS})(q) == "a man in a red shirt"
