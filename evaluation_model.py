@@ -41,6 +41,9 @@ def get_args_parser(add_help=False):
     p.add_argument("--test_ratio", type=float, default=None, help="default: the training run's")
     p.add_argument("--langs", default="en", help="caption languages to evaluate, e.g. en, zh or en,zh")
     p.add_argument("--top_k", type=int, default=15)
+    p.add_argument("--query_filter", type=int, choices=(0, 1), default=1,
+                   help="1: captions drop the words the student never saw, as search/ does with queries "
+                        "(search/query_words.py; a checkpoint without a word list keeps every word); 0: every word")
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")
@@ -87,7 +90,7 @@ def embed_texts(model, texts, cfg, device, batch_size=256, filter_queries=True):
 
 @torch.no_grad()
 def embed_split(model, records, indices, cfg, device="cpu", langs=("en",), batch_size=128, workers=2,
-                progress=True, images=True):
+                progress=True, images=True, filter_queries=True):
     """Embeddings of the given records' images and captions, row-aligned with ids and names for the metrics."""
     from tqdm import tqdm
     device = torch.device(device)
@@ -113,7 +116,8 @@ def embed_split(model, records, indices, cfg, device="cpu", langs=("en",), batch
         for x in tqdm(dl, desc="images", disable=not progress):
             embs.append(model.encode_image(x.to(device)).float().cpu())
         out["img_emb"] = torch.cat(embs).numpy()
-    out["cap_emb"] = embed_texts(model, out["cap_texts"], cfg, device, batch_size=max(batch_size, 256))
+    out["cap_emb"] = embed_texts(model, out["cap_texts"], cfg, device, batch_size=max(batch_size, 256),
+                                 filter_queries=filter_queries)
     return out
 
 
@@ -186,7 +190,7 @@ def main(args):
         print(f"sample (seed {args.sample_seed}): {len(idx)} of {n_all} images")
     langs = tuple(s for s in args.langs.split(",") if s)
     emb = embed_split(model, records, idx, cfg, device=device, langs=langs, batch_size=args.batch_size,
-                      workers=args.workers)
+                      workers=args.workers, filter_queries=bool(args.query_filter))
     if teacher_cache is not None:
         emb["img_emb"] = np.asarray(teacher_cache.array("image")[idx], dtype=np.float32)
     if len(emb["cap_texts"]) == 0:

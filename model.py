@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from backbone import create_backbone
 from search.charmap import CHARMAP_VERSION, DEFAULT_VOCAB_SIZE
+from search.query_words import is_vocab_word
 from text_encoder import TEXT_POOLS, create_text_encoder
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -90,6 +91,9 @@ def validate_model_cfg(cfg):
     qv = cfg.get("query_vocab")
     if qv is not None and not (isinstance(qv, (list, tuple)) and all(isinstance(w, str) for w in qv)):
         raise ValueError(f"model_cfg query_vocab must be a list of words, got {type(qv).__name__}")
+    bad = next((w for w in qv or () if not is_vocab_word(w)), None)
+    if bad is not None:
+        raise ValueError(f"model_cfg query_vocab must be a list of words: {bad!r:.40} is not a lower-case word")
     if cfg.get("text_pool", "mean") not in TEXT_POOLS:
         raise ValueError(f"model_cfg text_pool must be one of {TEXT_POOLS}, got {cfg.get('text_pool')!r:.40}")
     return cfg

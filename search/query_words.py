@@ -28,6 +28,11 @@ class QueryVocabError(ValueError):
     pass
 
 
+def is_vocab_word(w):
+    """A lower-case word as the list stores it ([a-z] and Latin letters, inner ' or -)."""
+    return bool(_VALID.fullmatch(w))
+
+
 def _deletes(w):
     return {w[:i] + w[i + 1:] for i in range(len(w))}
 

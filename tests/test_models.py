@@ -340,3 +340,12 @@ def test_stripe_pooling_keeps_height_and_old_checkpoints_load():
         build_model(small_cfg(backbone="res_tiny", image_size="128x64", stripes=3))  # 3 does not divide 4
     with pytest.raises(ValueError):
         small_cfg(stripes="many")
+
+
+def test_query_vocab_in_a_checkpoint_cfg_is_checked():
+    cfg = small_cfg()
+    assert validate_model_cfg(dict(cfg, query_vocab=["man", "red"]))["query_vocab"] == ["man", "red"]
+    build_model(dict(cfg, query_vocab=["man"]))  # the model ignores it: a list of words for the query side
+    for bad in ("man red", [1, 2], {"man": 1}, ["man", "Red Shirt"]):
+        with pytest.raises(ValueError, match="query_vocab must be a list of words"):
+            validate_model_cfg(dict(cfg, query_vocab=bad))

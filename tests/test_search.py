@@ -534,3 +534,29 @@ def test_enrol_and_search_synthetic_pedes(env, synth_data, tmp_path):
     q = TextEncoder(str(env.export)).encode(caps)
     for res, qv in zip(doc["queries"], q):
         assert [x["row"] for x in res["results"]] == list(np.argsort(-(c.features @ qv))[:5])
+
+
+def test_query_words_the_student_never_saw_are_left_out(env, gallery, tmp_path):
+    """An export with query_vocab.txt: the CLI (torch-free) and Searcher drop unknown Latin words and say what the
+    model read; --query_filter 0 and an export without the list search the query as typed."""
+    exp = tmp_path / "export"
+    shutil.copytree(env.export, exp)
+    info = json.loads((exp / "model_info.json").read_text())
+    (exp / "model_info.json").write_text(json.dumps(dict(info, query_vocab="query_vocab.txt")))
+    (exp / "query_vocab.txt").write_text("a\ncoat\nin\nman\nred\n")
+    q = "looking for a man in a red coat, camera 3"
+    s = Searcher(TextEncoder(str(exp)), gallery.features, image_root=str(gallery.imgs), log=lambda m: None)
+    res = s.search(q, 2)
+    assert "it read: 'a man in a red coat, 3'" in res["notes"][0]  # (then: truncated to the fixture's 15 chars)
+    plain = Searcher(TextEncoder(str(env.export)), gallery.features, image_root=str(gallery.imgs), log=lambda m: None)
+    assert [r["score"] for r in res["results"]] == pytest.approx(
+        [r["score"] for r in plain.search("a man in a red coat, 3", 2)["results"]], abs=1e-6)
+    assert not any("never saw" in n for n in plain.search(q, 2)["notes"])
+    base = [API, "--image-root", gallery.imgs, "--image_feature", gallery.features, "--model_dir", exp,
+            "--queries", q, "--top-n", "1"]
+    r = run_py(base, env=env.env)
+    assert r.returncode == 0 and "Note: words the student never saw were left out" in r.stdout, r.stderr
+    r = run_py(base + ["--query_filter", "0"], env=env.env)
+    assert r.returncode == 0 and "never saw" not in r.stdout, r.stderr
+    (exp / "query_vocab.txt").unlink()  # named but missing: one line, not a traceback
+    assert "query_vocab.txt" in one_line_error(run_py(base, env=env.env))
