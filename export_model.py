@@ -66,7 +66,7 @@ from pathlib import Path
 
 import numpy as np
 
-from search.query_words import QUERY_VOCAB_FILE, QueryVocab, QueryVocabError  # noqa: E402
+from search.query_words import QUERY_VOCAB_FILE, QueryVocab, QueryVocabError
 
 IMAGE_FILE, TEXT_FILE = "model_image.onnx", "model_text.onnx"
 TABLE_FILE, INFO_FILE = "input_embeddings.pt.npy", "model_info.json"

@@ -241,8 +241,6 @@ class TextEncoder:
             raise ExportError(f"{p}: cannot read the input-embedding table ({e})") from None
         if self.table.shape[0] < self.vocab_size:
             raise ExportError(f"{p}: table shape {self.table.shape} does not fit vocab_size {self.vocab_size}")
-        # one thread by default: a single query through a small Transformer has too little work to split, and a
-        # server gets its parallelism from concurrent requests instead
         # the student's word list (query_words.py): a query drops the words the student never saw
         self.query_vocab = None
         if filter_queries and info.get("query_vocab"):
@@ -251,6 +249,8 @@ class TextEncoder:
                 self.query_vocab = load_query_vocab(qp)
             except QueryVocabError as e:
                 raise ExportError(str(e)) from None
+        # one thread by default: a single query through a small Transformer has too little work to split, and a
+        # server gets its parallelism from concurrent requests instead
         self.sess = make_session(info["_text_model"], threads or 1)
         names = [i.name for i in self.sess.get_inputs()]
         if set(names) != {"text_embeds", "text_mask"}:

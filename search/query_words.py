@@ -21,6 +21,7 @@ import re
 _WORD = re.compile(r"[A-Za-z\u00C0-\u024F]+(?:['\-][A-Za-z\u00C0-\u024F]+)*")
 _VALID = re.compile(r"[a-z\u00C0-\u024F]+(?:['\-][a-z\u00C0-\u024F]+)*")
 MAX_WORDS = 2_000_000
+MAX_BYTES = 64 << 20
 QUERY_VOCAB_FILE = "query_vocab.txt"
 
 
@@ -42,9 +43,9 @@ class QueryVocab:
 
     def __init__(self, words):
         words = sorted({str(w).lower() for w in words})
-        bad = [w for w in words if not _VALID.fullmatch(w)]
-        if bad:
-            raise QueryVocabError(f"query vocabulary entry {bad[0]!r:.40} is not a lower-case word")
+        bad = next((w for w in words if not is_vocab_word(w)), None)
+        if bad is not None:
+            raise QueryVocabError(f"query vocabulary entry {bad!r:.40} is not a lower-case word")
         if len(words) > MAX_WORDS:
             raise QueryVocabError(f"query vocabulary has {len(words)} words (at most {MAX_WORDS})")
         self.words = tuple(words)
@@ -69,14 +70,13 @@ class QueryVocab:
 
     def filter(self, text):
         """`text` without its Latin words this vocabulary does not know (see the module docstring)."""
-        kept, dropped = [], False
-        out = []
-        pos = 0
+        kept = dropped = False
+        out, pos = [], 0
         for m in _WORD.finditer(text):
             out.append(text[pos:m.start()])
             if self.knows(m.group(0)):
                 out.append(m.group(0))
-                kept.append(m.group(0))
+                kept = True
             else:
                 dropped = True
             pos = m.end()
@@ -107,7 +107,9 @@ def load_query_vocab(path):
     """QueryVocab of a query_vocab.txt; QueryVocabError (one line) for an unreadable or malformed file."""
     try:
         with open(path, "rb") as f:
-            raw = f.read(64 << 20)
+            raw = f.read(MAX_BYTES + 1)
+        if len(raw) > MAX_BYTES:  # a list this big is not a word list: refuse it rather than read a cut-off one
+            raise QueryVocabError(f"{path}: larger than {MAX_BYTES >> 20} MiB; not a query vocabulary")
         s = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise QueryVocabError(f"{path}: cannot read the query vocabulary ({e})") from None

@@ -50,6 +50,17 @@ def test_file_round_trip_and_one_line_refusals(tmp_path):
         load_query_vocab(tmp_path / "missing.txt")
 
 
+def test_an_oversized_list_is_refused_not_cut(tmp_path, monkeypatch):
+    import search.query_words as qw
+    p = tmp_path / "query_vocab.txt"
+    p.write_text("man\nshirt\n", encoding="utf-8")
+    monkeypatch.setattr(qw, "MAX_BYTES", 8)  # one byte short of the file: a cut-off read would leave "man", "shi"
+    with pytest.raises(QueryVocabError, match="larger than"):
+        load_query_vocab(p)
+    monkeypatch.setattr(qw, "MAX_BYTES", 10)
+    assert load_query_vocab(p).words == ("man", "shirt")
+
+
 def test_search_side_module_imports_no_torch():
     code = "import sys; import search.query_words, search.engine; assert 'torch' not in sys.modules"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -48,8 +48,7 @@ def main(args):
                                        float(targs.get("val_ratio", 0.0)))
     words = train.query_vocab(records, train_idx, langs)
     ck = dict(ck)
-    ck["model_cfg"] = dict(ck["model_cfg"], query_vocab=words)
-    ck.pop("state_hash", None)
+    ck["model_cfg"] = dict(ck["model_cfg"], query_vocab=words)  # save_checkpoint re-hashes the new content
     out = args.out or args.checkpoint
     save_checkpoint(out, ck)
     print(f"{out}: {len(words)} words from {len(train_idx)} training records of {path}")
