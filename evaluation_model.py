@@ -27,7 +27,7 @@ from checkpoint import load_checkpoint
 from cli import HelpFormatter, fail
 from model import build_model
 from search.charmap import encode_batch
-from search.query_words import QueryVocab
+from search.query_words import QueryVocab, prepare_query
 
 
 def get_args_parser(add_help=False):
@@ -42,8 +42,8 @@ def get_args_parser(add_help=False):
     p.add_argument("--langs", default="en", help="caption languages to evaluate, e.g. en, zh or en,zh")
     p.add_argument("--top_k", type=int, default=15)
     p.add_argument("--query_filter", type=int, choices=(0, 1), default=1,
-                   help="1: captions drop the words the student never saw, as search/ does with queries "
-                        "(search/query_words.py; a checkpoint without a word list keeps every word); 0: every word")
+                   help="1: captions lose field labels and the words the student never saw, as search/ queries "
+                        "do (search/query_words.py; a checkpoint without a word list keeps every word); 0: as written")
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--device", default="auto")
@@ -68,15 +68,17 @@ def _query_vocab(words):
 
 
 def query_filter(cfg):
-    """The checkpoint's query filter (search/query_words.py): text -> text; the identity for a checkpoint
-    written before the student stored its word list."""
+    """The checkpoint's query clean-up (search/query_words.prepare_query): text -> text; labels only for a
+    checkpoint written before the student stored its word list."""
     words = cfg.get("query_vocab")
-    return _query_vocab(tuple(words)).filter if words else (lambda t: t)
+    vocab = _query_vocab(tuple(words)) if words else None
+    return lambda t: prepare_query(t, vocab)
 
 
 @torch.no_grad()
 def embed_texts(model, texts, cfg, device, batch_size=256, filter_queries=True):
-    """Query embeddings; `filter_queries`: drop the words the student never saw first (as search/ does)."""
+    """Query embeddings; `filter_queries`: strip field labels and drop the words the student never saw first (as
+    search/ does)."""
     if filter_queries:
         f = query_filter(cfg)
         texts = [f(t) for t in texts]

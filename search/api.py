@@ -82,8 +82,9 @@ def get_onnx_model_args_parser(add_help=False):
                    help="path of model_text.onnx (model_info.json and input_embeddings.pt.npy beside it)")
     p.add_argument("--model_dir", "--model-dir", dest="model_dir", default=None, help="export folder")
     p.add_argument("--query_filter", "--query-filter", dest="query_filter", type=int, choices=(0, 1), default=1,
-                   help="1: leave out the query words the student never saw (the export's query_vocab.txt, "
-                        "search/query_words.py); 0: encode the query as typed")
+                   help="1: strip field labels ('top: red shirt' -> 'red shirt') and leave out the query words "
+                        "the student never saw (the export's query_vocab.txt; search/query_words.py); 0: encode the "
+                        "query as typed")
     return p
 
 
@@ -156,7 +157,7 @@ class Searcher:
             prepare = getattr(self.encoder, "prepare", None)
             read = prepare(query) if prepare else query
             if read != query:
-                notes.append(f"words the student never saw were left out; it read: '{display(read)}'")
+                notes.append(f"field labels and words the student never saw were left out; it read: '{display(read)}'")
             if kept < n:
                 notes.append(f"query truncated to its first {kept} of {n} characters (the text model's "
                              f"max_seq_length is {kept + 1} tokens including [CLS])")

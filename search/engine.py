@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from search.charmap import CHARMAP_VERSION, encode_batch, load_table, lookup, normalize_text
-from search.query_words import QueryVocabError, load_query_vocab
+from search.query_words import QueryVocabError, load_query_vocab, prepare_query
 from search.imaging import to_rgb
 
 MODEL_INFO = "model_info.json"
@@ -243,6 +243,7 @@ class TextEncoder:
             raise ExportError(f"{p}: table shape {self.table.shape} does not fit vocab_size {self.vocab_size}")
         # the student's word list (query_words.py): a query drops the words the student never saw
         self.query_vocab = None
+        self.filter_queries = bool(filter_queries)
         if filter_queries and info.get("query_vocab"):
             qp = Path(info["_dir"]) / Path(str(info["query_vocab"])).name  # beside model_info.json, nowhere else
             try:
@@ -267,9 +268,9 @@ class TextEncoder:
             self.max_seq_length = shp[1]
 
     def prepare(self, text):
-        """The text the model reads: the query without the words the student never saw (if the export has a
-        word list and filtering is on)."""
-        return self.query_vocab.filter(text) if self.query_vocab is not None else text
+        """The text the model reads (query_words.prepare_query, when filtering is on): field labels stripped, and
+        the words the student never saw dropped (if the export has a word list)."""
+        return prepare_query(text, self.query_vocab) if self.filter_queries else text
 
     def truncation(self, text):
         """Number of characters kept and the original count, after filtering and normalisation (CLS takes one

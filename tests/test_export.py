@@ -528,6 +528,10 @@ def test_query_vocab_travels_to_search_and_filters_queries(tmp_path, capsys):
     assert np.allclose(enc.encode([q]), raw.encode([plain]), atol=1e-5)
     assert _cos_min(raw.encode([q]), raw.encode([plain])) < 0.9999  # the dropped words did change the embedding
     assert enc.prepare("穿红色外套的女人 wearing") == "穿红色外套的女人"  # other scripts kept, unknown Latin dropped
+    import evaluation_model  # evaluation reads every query exactly as search/ does: labels, then the word list
+    for t in (q, "Sex - man. Coat: blue. Bag: black backpack.", "a man: blue coat | backpack - black"):
+        assert evaluation_model.query_filter(d["model_cfg"] | {"query_vocab": words})(t) == enc.prepare(t), t
+    assert enc.prepare("Sex - man. Coat: blue. Bag: black backpack.") == "man, blue Coat, black backpack"
     (out / "query_vocab.txt").write_text("man\nNot A Word!\n")
     with pytest.raises(ExportError, match="query_vocab.txt.*not a lower-case word") as e:
         TextEncoder(str(out))

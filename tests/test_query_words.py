@@ -8,7 +8,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from search.query_words import QueryVocab, QueryVocabError, load_query_vocab, words_of  # noqa: E402
+from search.query_words import (QueryVocab, QueryVocabError, load_query_vocab, prepare_query,  # noqa: E402
+                                strip_labels, words_of)
 
 WORDS = ["a", "man", "woman", "in", "red", "shirt", "t", "blue", "jeans", "with", "black", "backpack", "hair"]
 
@@ -72,3 +73,31 @@ def test_evaluation_filters_with_the_checkpoints_list_and_old_checkpoints_read_a
     q = "looking for a man in a red shirt"
     assert evaluation_model.query_filter({})(q) == q  # written before the list existed: no filtering
     assert evaluation_model.query_filter({"query_vocab": WORDS})(q) == "a man in a red shirt"
+
+
+@pytest.mark.parametrize("text, read", [
+    ("Sex - male. Hair style - short black hair. Upper garment - red shirt. Carried item - none.",
+     "male, short black hair, red shirt"),
+    ("sex: female, hair: long, top: red t-shirt", "female, long hair, red t-shirt"),  # a bare adjective keeps its noun
+    ("woman: red coat; bag = black handbag | shoes \u2013 white sneakers",
+     "woman, red coat, black handbag, white sneakers"),
+    ("GENDER=M\nShoes: white", "M, white Shoes"),
+])
+def test_field_labels_are_stripped(text, read):
+    assert strip_labels(text) == read
+
+
+@pytest.mark.parametrize("text", [
+    "a man in a light-blue t-shirt, 1.8m tall",  # inner hyphens and decimals are no labels
+    "a man wearing a red shirt. He has a bag.", "gender-male top-red", "bag: none", "top:", "",
+    "性别：男，上衣：红色外套",  # other scripts' labels are left alone (not measured)
+])
+def test_texts_without_labels_are_returned_unchanged(text):
+    assert strip_labels(text) == text
+
+
+def test_prepare_query_strips_labels_before_filtering():
+    qv = QueryVocab(WORDS)
+    assert prepare_query("Sex - man. Upper garment - red t-shirt.", qv) == "man, red t-shirt"
+    assert prepare_query("Sex - man. Upper garment - red t-shirt.") == "man, red t-shirt"  # no list: labels only
+    assert prepare_query("looking for a man in red", qv) == "a man in red"

@@ -552,10 +552,13 @@ def test_query_words_the_student_never_saw_are_left_out(env, gallery, tmp_path):
     assert [r["score"] for r in res["results"]] == pytest.approx(
         [r["score"] for r in plain.search("a man in a red coat, 3", 2)["results"]], abs=1e-6)
     assert not any("never saw" in n for n in plain.search(q, 2)["notes"])
+    # field labels go with or without a word list: both read the same text
+    assert "it read: 'man, red coat'" in s.search("Sex - man. Outer layer - red coat.", 2)["notes"][0]
+    assert "it read: 'man, red Coat'" in plain.search("Sex - man. Coat: red", 2)["notes"][0]
     base = [API, "--image-root", gallery.imgs, "--image_feature", gallery.features, "--model_dir", exp,
             "--queries", q, "--top-n", "1"]
     r = run_py(base, env=env.env)
-    assert r.returncode == 0 and "Note: words the student never saw were left out" in r.stdout, r.stderr
+    assert r.returncode == 0 and "words the student never saw were left out" in r.stdout, r.stderr
     r = run_py(base + ["--query_filter", "0"], env=env.env)
     assert r.returncode == 0 and "never saw" not in r.stdout, r.stderr
     (exp / "query_vocab.txt").unlink()  # named but missing: one line, not a traceback
