@@ -62,8 +62,8 @@ def strip_labels(text):
             out.append(label)
         if not value or value.lower() in _EMPTY_VALUES:
             continue
-        if not label_words & (PERSON_WORDS | _GENDER_LABELS) and " " not in value \
-                and value.lower() not in PERSON_WORDS and re.fullmatch(_WORD, value):
+        if not label_words & (PERSON_WORDS | _GENDER_LABELS) and value.lower() not in PERSON_WORDS \
+                and _WORD.fullmatch(value):  # one word: _WORD has no spaces
             value = f"{value} {label}"  # a bare adjective needs its noun: 'hair: long' -> 'long hair'
         out.append(value)
     return ", ".join(out) if labelled and out else text
