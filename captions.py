@@ -776,3 +776,22 @@ class AttributeVocab:
                 if i is not None:
                     target[i] = 1.0
         return target, weight
+
+
+def query_bank_texts(records, n=3000, seed=0, words=None):
+    """English query-like texts for the hubness correction's query bank (search/hubness.py): for each of up to n
+    records (a seeded sample) one of its captions and, when it has attributes, a composed caption and an
+    augmented text -- the forms the training code writes, never the bench's query forms. `words`: the fillers
+    augment_caption may use (filler_words)."""
+    rng = random.Random(f"query-bank/{seed}")
+    pick = sorted(rng.sample(range(len(records)), min(int(n), len(records))))
+    out = []
+    for r in pick:
+        rec = records[r]
+        if rec.get("captions"):
+            out.append(rng.choice(rec["captions"]))
+        a = rec.get("attributes")
+        if a:
+            out.append(compose_caption(a, rng, "en"))
+            out.append(augment_caption(a, rng, "en", words)[0])
+    return [t for t in out if t and t.strip()]

@@ -90,6 +90,21 @@ def embed_texts(model, texts, cfg, device, batch_size=256, filter_queries=True):
     return torch.cat(out).numpy() if out else np.zeros((0, d), np.float32)
 
 
+def query_bank(model, cfg, records, indices, n=3000, seed=0, device="cpu"):
+    """The hubness correction's query bank (search/hubness.py): float32 [N, D] unit rows, the student's embeddings
+    of captions.query_bank_texts over up to n of `records[indices]` (training identities: the bank must never
+    see the people it is used on), filtered as search/ filters a query."""
+    import captions as captions_lib
+    recs = [records[i] for i in indices]
+    step = max(1, len(recs) // 20_000)
+    words = captions_lib.filler_words(captions_lib.caption_vocabulary(c for r in recs[::step] for c in r["captions"]))
+    texts = captions_lib.query_bank_texts(recs, n, seed, words)
+    if not texts:
+        return np.zeros((0, model.cfg["feature_dim"]), np.float32)
+    emb = embed_texts(model, texts, cfg, device).astype(np.float32)
+    return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+
+
 @torch.no_grad()
 def embed_split(model, records, indices, cfg, device="cpu", langs=("en",), batch_size=128, workers=2,
                 progress=True, images=True, filter_queries=True):

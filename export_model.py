@@ -12,6 +12,8 @@ Writes into <output_dir>:
                              dynamic B and L)                                     -> `embedding` [B,D] unit norm
     input_embeddings.pt.npy  float32 [V,E]: the text tower's character table, looked up OUTSIDE the graph by
                              search/charmap.py (NPU runtimes often lack Embedding/Gather)
+    query_bank.npy           float16 [N,D]: the student's embeddings of query-like texts of training identities, for
+                             the hubness correction of search/ (search/hubness.py; --query_bank records, 0: none)
     model_info.json          image size, mean/std, max_seq_length, charmap version, dims, teacher space, files
 
 What it does, in order:
@@ -67,6 +69,7 @@ from pathlib import Path
 import numpy as np
 
 from search.query_words import QUERY_VOCAB_FILE, QueryVocab, QueryVocabError
+from search import hubness
 
 IMAGE_FILE, TEXT_FILE = "model_image.onnx", "model_text.onnx"
 TABLE_FILE, INFO_FILE = "input_embeddings.pt.npy", "model_info.json"
@@ -122,6 +125,10 @@ def get_args_parser(add_help=False):
                    help="dataset JSON for --int8 calibration (train split) and parity (held-out ids); default: the "
                         "checkpoint's training --data")
     p.add_argument("--image_root", default=None, help="image root for --data (default: the checkpoint's)")
+    p.add_argument("--query_bank", type=int, default=3000,
+                   help="training records whose captions, composed captions and augmented texts make the query bank "
+                        "of search/'s hubness correction (query_bank.npy, search/hubness.py); 0: no bank (search "
+                        "ranks by raw cosine). Needs --data or the checkpoint's training data")
     p.add_argument("--calib_size", type=int, default=256,
                    help="--int8: calibration images and captions from the training split (each)")
     p.add_argument("--parity_size", type=int, default=1000,
@@ -310,6 +317,35 @@ def verification_images(train_args, cfg, n):
         print(f"preprocessing check, data.build_transform vs search/ numpy: max|diff| = {d:.2e}"
               + ("" if d < 1e-3 else "  WARNING: training and search see different pixels"))
     return x, src
+
+
+def query_bank(args, model, cfg, train_args, data_json, text_only):
+    """float32 [N,D] unit rows (evaluation_model.query_bank over the training identities of the data) or None,
+    with one line saying which. A missing dataset only leaves the bank out: search then ranks by raw cosine."""
+    if args.query_bank < 0:
+        raise ExportFailure(f"--query_bank must be >= 0, got {args.query_bank}", 2)
+    if args.query_bank == 0 or text_only:  # a text-only model's gallery is enrolled by the teacher: no hub scores
+        return None
+    if not data_json or not os.path.isfile(str(data_json)):
+        if args.data:
+            raise ExportFailure(f"--data {args.data}: not found", 2)
+        why = f"the training data {data_json} is not there" if data_json else "the checkpoint names no training data"
+        print(f"query bank: none ({why}; pass --data to build one) -- search will rank by raw cosine")
+        return None
+    import data as data_lib
+    from evaluation_model import query_bank as build_bank
+    try:
+        records = data_lib.load_records(data_json, args.image_root or train_args.get("image_root"))
+        train_idx = data_lib.split_records(records, float(train_args.get("test_ratio", 0.1)), "train",
+                                           float(train_args.get("val_ratio", 0.0) or 0.0))
+    except (OSError, ValueError) as e:
+        raise ExportFailure(f"--data {data_json}: {_first_line(e)}", 2) from None
+    bank = build_bank(model, cfg, records, train_idx, args.query_bank)
+    if len(bank) == 0:
+        print(f"query bank: none ({data_json} has no training captions)")
+        return None
+    print(f"query bank: {len(bank)} texts of {min(args.query_bank, len(train_idx))} training records of {data_json}")
+    return bank
 
 
 def verification_texts(n):
@@ -952,6 +988,7 @@ def export(args):
 
     # ---- reference inputs and PyTorch outputs of the checkpoint's model as trained (before folding)
     ref_model = copy.deepcopy(model).eval()
+    bank = query_bank(args, ref_model, cfg, train_args, data_json, text_only)
     k = len(CHECK_TEXTS)
     texts = verification_texts(max(n, k, SB or 1))
     ids, mask = charmap.encode_batch(texts, max_len=text_L, vocab_size=V)
@@ -1151,6 +1188,10 @@ def export(args):
         "input_embeddings": TABLE_FILE,
         # the student's word list: search/ drops the query words the student never saw (search/query_words.py)
         "query_vocab": QUERY_VOCAB_FILE if qvocab is not None else None,
+        # search/hubness.py: enrolment stores each image's mean cosine to its k nearest bank texts; search ranks
+        # by cosine - weight * that
+        "query_bank": None if bank is None else {"file": hubness.QUERY_BANK_FILE, "rows": int(len(bank)),
+                                                 "k": hubness.default_k(len(bank)), "weight": hubness.DEFAULT_WEIGHT},
         "static_shapes": {"batch": SB, "text_length": text_L} if static else None,
         "input_shapes": shapes,
         "variants": {kind: {"image_model": None if text_only else IMAGE_FILE.replace(".onnx", f".{kind}.onnx"),
@@ -1186,6 +1227,12 @@ def export(args):
     else:  # a checkpoint from before the word list: no filter, and no earlier export's list to pass for its own
         with contextlib.suppress(FileNotFoundError):
             os.remove(out_dir / QUERY_VOCAB_FILE)
+    if bank is not None:
+        _atomic_write(out_dir / hubness.QUERY_BANK_FILE, _npy_bytes(bank.astype(np.float16)))
+        print(f'export to "{out_dir / hubness.QUERY_BANK_FILE}" OK.  [{len(bank)}, {bank.shape[1]}] float16')
+    else:  # an earlier export's bank would pass for this model's
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(out_dir / hubness.QUERY_BANK_FILE)
     _atomic_write(out_dir / INFO_FILE, (json.dumps(info, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
     print(f'export to "{out_dir / INFO_FILE}" OK.')
     for p in refused:  # a same-named file from an earlier export would now pass for this model's variant

@@ -59,7 +59,7 @@ cat <<EOF
   teacher cache   $OUT/embeddings
   run             $RUN  (last.pt, best.pt = best validation R@1, args.json, train.log)
   plots           $OUT/plots  (det.png, retrieval.png, learning_curve.png; also in TensorBoard)
-  ONNX export     $OUT/export  (model_image.onnx, model_text.onnx, input_embeddings.pt.npy, query_vocab.txt, model_info.json)
+  ONNX export     $OUT/export  (model_image.onnx, model_text.onnx, input_embeddings.pt.npy, query_vocab.txt, query_bank.npy, model_info.json)
   collection      $OUT/collection/person_features.npy + person_metadata.json
 TensorBoard:  tensorboard --logdir $OUT/logs
 Web UI:       $PY search/app_onnx.py --image-root $OUT/gallery/Part1 --image_feature $OUT/collection/person_features.npy --image_metadata $OUT/collection/person_metadata.json --text-model $OUT/export/model_text.onnx --port 5005

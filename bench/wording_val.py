@@ -11,6 +11,15 @@ searching its own image embeddings.
     python bench/wording_val.py A/best.pt --ids 100 --seed 12 --json logs/wording_val/a.json
     python bench/wording_val.py A/best.pt --hubness    # + per set: distinct top-1 images, R@1 minus the mean query
 
+--hub_weight W adds, per checkpoint, a column with search/'s hubness correction (search/hubness.py): each gallery
+image's hub score against the query bank that export_model.py would write (evaluation_model.query_bank over the
+training identities of the checkpoint's --data), results ranked by cosine - W * hub. --data scores the held-out
+test identities of a dataset instead of a fresh gallery (the final table's people: a check, not a place to
+choose a weight):
+
+    python bench/wording_val.py A/best.pt --hub_weight 0.5
+    python bench/wording_val.py A/best.pt --hub_weight 0.5 --data logs/quality/data-1000ids+4000train-s0/synthpedes-dataset.json
+
 --hubness is a diagnosis, not a score: when the words around the attributes (labels, leads) add a near-constant
 vector to every query of a form, a few "hub" images come first for all of them; removing the set's mean query
 embedding (which uses every query of the set at once, so no deployable search can do it) shows how much of the
@@ -38,6 +47,11 @@ def get_args_parser(add_help=False):
     p.add_argument("--out", default=str(ROOT / "logs" / "wording_val"), help="gallery folder parent (reused)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default="", help="also write the figures here (atomically)")
+    p.add_argument("--hub_weight", type=float, default=0.0,
+                   help="also score search/'s hubness correction with this weight (0: off; search's default is 0.5)")
+    p.add_argument("--query_bank", type=int, default=3000, help="training records of the query bank (as export_model)")
+    p.add_argument("--data", default="", help="score this dataset's held-out test identities instead of a fresh "
+                                              "gallery (query sets seeded as bench/quality.py: 0)")
     p.add_argument("--hubness", action="store_true",
                    help="also print, per query set, how many distinct images come first and the R@1 with the set's "
                         "mean query embedding removed")
@@ -54,15 +68,26 @@ def gallery(args):
 def main(args):
     if args.ids < 2 or args.images_per_id < 1:
         raise SystemExit("error: --ids must be >= 2 and --images_per_id >= 1")
-    if args.seed == 0:
+    if args.seed == 0 and not args.data:
         raise SystemExit("error: --seed 0 draws the training/test data's own people; use another seed")
+    if not 0 <= args.hub_weight < 10:
+        raise SystemExit(f"error: --hub_weight must be in [0, 10), got {args.hub_weight}")
+    if args.data and not os.path.isfile(args.data):
+        raise SystemExit(f"error: --data {args.data}: not found")
     import data as data_lib
     import quality
     from checkpoint import CheckpointError
     from evaluation_model import embed_split, embed_texts
-    records = data_lib.load_records(str(gallery(args)))
-    idx = list(range(len(records)))
-    sets = quality.query_sets(records, idx, args.seed)
+    if args.data:
+        records = data_lib.load_records(args.data)
+        idx = data_lib.split_records(records, 0.1, "test")
+        sets = quality.query_sets(records, idx, 0)
+        where = f"the held-out test identities of {args.data} ({len(idx)} images)"
+    else:
+        records = data_lib.load_records(str(gallery(args)))
+        idx = list(range(len(records)))
+        sets = quality.query_sets(records, idx, args.seed)
+        where = f"a fresh gallery: {args.ids} people x {args.images_per_id} images, seed {args.seed}"
     results = {}
     for path in args.checkpoints:
         try:
@@ -75,18 +100,22 @@ def main(args):
         attrs = [records[r]["attributes"] for r in idx]
         q_emb = {name: embed_texts(model, texts, cfg, args.device) for name, (texts, _, _) in sets.items()}
         res = quality.score_sets(sets, lambda name, _: q_emb[name], emb["img_emb"], emb["img_pids"], attrs)
+        if args.hub_weight > 0:
+            res["hub"] = hub_corrected(args, model, cfg, path, sets, q_emb, emb, attrs)
         if args.hubness:
             res.update(hubness(sets, q_emb, emb["img_emb"], emb["img_pids"]))
         results[path] = dict(step=step, **res)
     names = [f"#{i + 1}" for i in range(len(args.checkpoints))]
-    print(f"\nR@1 (%) on a fresh gallery: {args.ids} people x {args.images_per_id} images, seed {args.seed} "
-          f"(fragments: attribute match)")
+    print(f"\nR@1 (%) on {where} (fragments: attribute match)")
     for n, p in zip(names, args.checkpoints):
         print(f"  {n}: {p} (step {results[p]['step']})")
-    print(f"{'query set':14s}" + "".join(f"{n:>9s}" for n in names))
+    hub = args.hub_weight > 0
+    cols = [c for n in names for c in ([n, f"{n}+hub"] if hub else [n])]
+    print(f"{'query set':14s}" + "".join(f"{c:>9s}" for c in cols))
     for s in sets:
         key = "attr_r1" if s == "fragment" else "paraphrase_r1"
-        print(f"{s:14s}" + "".join(f"{results[p][key][s]:9.2f}" for p in args.checkpoints))
+        print(f"{s:14s}" + "".join(f"{results[p][key][s]:9.2f}" + (f"{results[p]['hub'][key][s]:9.2f}" if hub else "")
+                                   for p in args.checkpoints))
     if args.hubness:
         print(f"\ndistinct top-1 images of {len(idx)} / R@1 with the set's mean query removed (a diagnosis)")
         print(f"{'query set':14s}" + "".join(f"{n:>16s}" for n in names))
@@ -96,6 +125,39 @@ def main(args):
     if args.json:
         quality.atomic_json(Path(args.json), dict(config=vars(args), results=results))
     return results
+
+
+def hub_corrected(args, model, cfg, path, sets, q_emb, emb, attrs):
+    """score_sets' figures with search/'s ranking: cosine - W * hub (search/hubness.py), the bank built as
+    export_model.py builds it, from the training identities of the checkpoint's data."""
+    import numpy as np
+    import data as data_lib
+    import quality
+    from checkpoint import load_checkpoint
+    from evaluation_model import query_bank
+    from search import hubness as hub_lib
+    targs = load_checkpoint(path).get("args") or {}
+    bank_json = targs.get("data")
+    if not bank_json or not os.path.isfile(str(bank_json)):
+        raise SystemExit(f"error: --hub_weight builds the query bank from {path}'s training data, and "
+                         f"{bank_json or 'its args name none'} is not there")
+    recs = data_lib.load_records(str(bank_json))
+    train_idx = data_lib.split_records(recs, float(targs.get("test_ratio", 0.1)), "train",
+                                       float(targs.get("val_ratio", 0.0) or 0.0))
+    bank = query_bank(model, cfg, recs, train_idx, args.query_bank, device=args.device)
+    img = np.asarray(emb["img_emb"], np.float32)
+    img = img / np.maximum(np.linalg.norm(img, axis=1, keepdims=True), 1e-12)
+    hub = hub_lib.hub_scores(img, bank, hub_lib.default_k(len(bank)))
+    pids = np.asarray(emb["img_pids"])
+    out = {"paraphrase_r1": {}, "attr_r1": {}}
+    for name, (_, qp, named) in sets.items():
+        q = np.asarray(q_emb[name], np.float32)
+        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        top = (q @ img.T - args.hub_weight * hub[None]).argmax(1)  # exact: re-ranking all of a small gallery
+        onehot = np.eye(len(img), dtype=np.float32)
+        out["paraphrase_r1"][name] = 100.0 * float(np.mean(pids[top] == np.asarray(qp))) if len(qp) else None
+        out["attr_r1"][name] = quality.attr_r1(onehot[top], np.asarray(qp), named, onehot, pids, attrs)
+    return out
 
 
 def hubness(sets, q_emb, img_emb, img_pids):

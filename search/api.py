@@ -36,6 +36,7 @@ from search.backends import FaissStore, add_backend_args, open_store  # noqa: E4
 from search.charmap import printable  # noqa: E402
 from search.collection import CollectionError  # noqa: E402
 from search.engine import ExportError, TextEncoder  # noqa: E402
+from search.hubness import candidates, rerank  # noqa: E402
 from search.index import INDEX_TYPES  # noqa: E402
 
 DEFAULT_FEATURES = "collection/person_features.npy"  # enrolment's default prefix collection/person + _features.npy
@@ -85,6 +86,9 @@ def get_onnx_model_args_parser(add_help=False):
                    help="1: strip field labels ('top: red shirt' -> 'red shirt') and leave out the query words "
                         "the student never saw (the export's query_vocab.txt; search/query_words.py); 0: encode the "
                         "query as typed")
+    p.add_argument("--hub_weight", "--hub-weight", dest="hub_weight", type=float, default=None,
+                   help="rank by cosine - W * the image's hub score (search/hubness.py; needs a collection enrolled "
+                        "with the export's query bank); default: the export's weight (0.5); 0: raw cosine")
     return p
 
 
@@ -109,11 +113,15 @@ class Searcher:
 
         s = Searcher(TextEncoder(model_dir="export"), "collection/p_features.npy", image_root="xm_images")
         s.search("a man in a red coat", top_n=5) -> {"query", "time_s", "notes", "results": [
-            {"rank", "score", "row", "image", "path", "bbox", "source"}, ...]}
+            {"rank", "score", "row", "image", "path", "bbox", "source", "hub"}, ...]}
+
+    "score" is the raw cosine; with the hubness correction on (hub_weight > 0, search/hubness.py) the results are
+    ordered by score - hub_weight * hub instead.
     """
 
     def __init__(self, encoder, features_path=None, metadata_path=None, image_root="", index="auto", ef_search=None,
-                 nprobe=None, save_index=True, log=None, search_threads=None, store=None, folder=None, expr=None):
+                 nprobe=None, save_index=True, log=None, search_threads=None, store=None, folder=None, expr=None,
+                 hub_weight=None):
         self.log = log or (lambda m: print(m, file=sys.stderr, flush=True))
         self.encoder = encoder
         self.image_root = image_root or ""
@@ -133,9 +141,28 @@ class Searcher:
                 and not space.endswith(":unknown") and not encoder.space.endswith(":unknown"):
             self.warnings.append(f"warning: the collection was enrolled in space '{space}' but the text model "
                                  f"embeds into '{encoder.space}'; scores may be meaningless")
+        self.hub_weight = self._hub_weight(encoder, c.model, hub_weight)
         for w in self.warnings:
             self.log(w)
         self.index = self.store.index
+
+    def _hub_weight(self, encoder, model, asked):
+        if asked is not None and not 0 <= asked < 10:  # also refuses nan
+            raise CollectionError(f"--hub_weight must be in [0, 10), got {asked}")
+        hub = getattr(encoder, "hub", None)
+        want = (hub["weight"] if hub else 0.0) if asked is None else float(asked)
+        if want <= 0:
+            return 0.0
+        if hub is None:
+            self.warnings.append("warning: --hub_weight needs an export with a query bank (export_model.py writes "
+                                 "query_bank.npy when it finds the training data); ranking by raw cosine")
+            return 0.0
+        if model.get("query_bank_sha256") != hub["sha256"]:
+            self.warnings.append("warning: the collection was not enrolled with this export's query bank, so it has "
+                                 "no hub scores; ranking by raw cosine (re-enrol with --rebuild for the hubness "
+                                 "correction)")
+            return 0.0
+        return want
 
     def __len__(self):
         return len(self.store)
@@ -162,12 +189,15 @@ class Searcher:
                 notes.append(f"query truncated to its first {kept} of {n} characters (the text model's "
                              f"max_seq_length is {kept + 1} tokens including [CLS])")
             q = self.encoder.encode([query])
-            hits = self.store.search(q, top_n, folder if folder is not None else self.folder, self.expr)
+            k = candidates(top_n) if self.hub_weight else top_n
+            hits = self.store.search(q, k, folder if folder is not None else self.folder, self.expr)
+            hits = rerank(hits, self.hub_weight, top_n)
             results = []
             for rank, (s, r, it) in enumerate(hits, 1):
                 results.append({"rank": rank, "score": float(s), "row": r, "image": it["image"],
                                 "path": os.path.join(self.image_root, it["image"]) if self.image_root
-                                else it["image"], "bbox": it.get("bbox"), "source": it.get("source")})
+                                else it["image"], "bbox": it.get("bbox"), "source": it.get("source"),
+                                "hub": it.get("hub")})
         return {"query": query, "time_s": time.perf_counter() - t0, "notes": notes, "results": results}
 
 
@@ -207,7 +237,7 @@ def main(args):
                           filter_queries=bool(args.query_filter))
         store = open_store(args, log=lambda m: print(m, file=sys.stderr, flush=True))
         s = Searcher(enc, args.image_feature, image_root=args.image_root, store=store, folder=args.folder,
-                     expr=args.filter)
+                     expr=args.filter, hub_weight=args.hub_weight)
     except (CollectionError, ExportError) as e:
         fail(e)
     try:  # a bad --filter expression is only found out by the engine, at the first search

@@ -26,6 +26,7 @@ from PIL import Image
 from search.charmap import CHARMAP_VERSION, encode_batch, load_table, lookup, normalize_text
 from search.query_words import QueryVocabError, load_query_vocab, prepare_query
 from search.imaging import to_rgb
+from search import hubness
 
 MODEL_INFO = "model_info.json"
 
@@ -102,6 +103,31 @@ def export_space(info):
     if p and os.path.isfile(p):
         return "student:" + file_sha256(p)[:16]
     return "student:unknown"
+
+
+def load_hub(info):
+    """The export's hubness correction (search/hubness.py) or None when it has none:
+    {"bank": float32 [N,D], "k": int, "weight": float, "sha256": str}. The bank file is looked up beside
+    model_info.json only (its name, never a path, is taken from the info)."""
+    q = info.get("query_bank")
+    if not q:
+        return None
+    where = Path(info["_dir"]) / MODEL_INFO
+    if not isinstance(q, dict) or not isinstance(q.get("file"), str):
+        raise ExportError(f"{where}: 'query_bank' must be an object with a 'file' name")
+    path = Path(info["_dir"]) / Path(q["file"]).name
+    if not path.is_file():
+        raise ExportError(f"{path}: not found (model_info.json names it as the query bank; re-export the model)")
+    try:
+        bank = hubness.load_query_bank(path, info["feature_dim"])
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+    k, w = q.get("k", hubness.default_k(len(bank))), q.get("weight", hubness.DEFAULT_WEIGHT)
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1 or not isinstance(w, (int, float)) or \
+            isinstance(w, bool) or not 0 <= w < 10:
+        raise ExportError(f"{where}: 'query_bank' needs an integer k >= 1 and a weight in [0, 10), got k={k!r}, "
+                          f"weight={w!r}")
+    return {"bank": bank, "k": min(k, len(bank)), "weight": float(w), "sha256": file_sha256(path)}
 
 
 # ------------------------------------------------------------------------------------------- onnxruntime
@@ -260,6 +286,8 @@ class TextEncoder:
             else self.sess.get_outputs()[0].name
         self.name = info["_text_model"]
         self.space = export_space(info)
+        hub = load_hub(info)  # search re-ranks by the hub scores enrolment stored with this bank (api.Searcher)
+        self.hub = None if hub is None else {"weight": hub["weight"], "sha256": hub["sha256"]}
         shp = {i.name: i.shape for i in self.sess.get_inputs()}["text_mask"]
         self.dynamic_length = len(shp) == 2 and not isinstance(shp[1], int)
         if len(shp) == 2 and isinstance(shp[1], int) and shp[1] > 0:

@@ -314,6 +314,8 @@ def _enrol(args, encoder, log, image_dir, boxes, tasks, stats, enr):
         if not batch_items:
             return
         feats = encoder.embed(batch_payload)
+        if hasattr(encoder, "annotate"):  # per-entry extras the encoder derives from the features (hub scores)
+            encoder.annotate(feats, batch_items)
         enr.add(feats, batch_items)
         stats["new"] += len(batch_items)
         n_batches += 1

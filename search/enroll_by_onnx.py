@@ -24,7 +24,8 @@ import hashlib  # noqa: E402
 import json  # noqa: E402
 
 from search.enroll import get_args_parser as enrol_parser, main_common  # noqa: E402
-from search.engine import ImageEncoder, export_space, file_sha256, load_export, resolve_model_dir  # noqa: E402
+from search.engine import ImageEncoder, export_space, file_sha256, load_export, load_hub, resolve_model_dir  # noqa: E402,E501
+from search.hubness import hub_scores  # noqa: E402
 
 
 def get_args_parser(add_help=True):
@@ -46,12 +47,16 @@ class OnnxEnrolEncoder:
         self.dim = self.enc.dim
         sha = file_sha256(info["_image_model"])
         prep = {"image_size": list(self.enc.image_size), "mean": list(self.enc.mean), "std": list(self.enc.std)}
-        sig = hashlib.sha256(json.dumps({"sha": sha, **prep}, sort_keys=True).encode()).hexdigest()[:16]
+        # each entry's hub score (search/hubness.py) is part of what the model wrote, so another bank is another
+        # model: a collection enrolled without this bank is refused (--rebuild) instead of mixing hub scores
+        self.hub = load_hub(info)
+        bank = {"query_bank_sha256": self.hub["sha256"], "hub_k": self.hub["k"]} if self.hub else {}
+        sig = hashlib.sha256(json.dumps({"sha": sha, **prep, **bank}, sort_keys=True).encode()).hexdigest()[:16]
         self.model_record = {
             "kind": "onnx", "signature": f"onnx:{sig}", "space": export_space(info), "dim": self.dim,
             "export_dir": info["_dir"], "image_model_sha256": sha, **prep,
             **{k: info.get(k) for k in ("teacher", "teacher_space", "backbone", "text_backbone", "charmap_version",
-                                        "max_seq_length")},
+                                        "max_seq_length")}, **bank,
         }
 
     def prepare(self, img, bbox):
@@ -61,6 +66,12 @@ class OnnxEnrolEncoder:
         import numpy as np
 
         return self.enc.encode_arrays(np.stack(payloads))
+
+    def annotate(self, features, items):
+        """Store each new entry's hub score in its item (both back ends keep the item)."""
+        if self.hub is not None:
+            for it, h in zip(items, hub_scores(features, self.hub["bank"], self.hub["k"]).tolist()):
+                it["hub"] = round(h, 6)
 
 
 def main(args):

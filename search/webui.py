@@ -362,7 +362,8 @@ def main_serve(args, encoder, title):
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be 0..65535, got {args.port}")
     s = Searcher(encoder, args.image_feature, image_root=args.image_root, folder=args.folder, expr=args.filter,
-                 store=open_store(args, log=lambda m: print(m, file=sys.stderr, flush=True)))
+                 store=open_store(args, log=lambda m: print(m, file=sys.stderr, flush=True)),
+                 hub_weight=getattr(args, "hub_weight", None))
     s.search("warm-up", 1)
     try:
         srv = make_server(s, args.image_root, args.host, args.port, title, args.top_n, args.quiet)

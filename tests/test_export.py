@@ -157,13 +157,23 @@ def test_checkpoint_atomic_roundtrip_and_refusals(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ export
 def test_files_and_model_info(exported):
-    _, out, _ = exported
+    ckpt, out, _ = exported
     names = sorted(os.listdir(out))
     assert names == sorted(["input_embeddings.pt.npy", "input_embeddings.fp16.npy", "model_image.onnx",
                             "model_image.fp16.onnx", "model_info.json", "model_text.fp16.onnx",
-                            "model_text.onnx"])  # and no tmp leftovers
+                            "model_text.onnx", "query_bank.npy"])  # and no tmp leftovers
     info = json.loads((out / "model_info.json").read_text())
     variants, ops, outside = info.pop("variants"), info.pop("ops"), info.pop("outside_npu_list")
+    # the query bank of search/hubness.py: the student's embeddings of the training identities' query-like texts
+    qb = info.pop("query_bank")
+    bank = np.load(out / "query_bank.npy", allow_pickle=False)
+    assert qb == {"file": "query_bank.npy", "rows": len(bank), "k": max(1, round(len(bank) / 90)), "weight": 0.5}
+    assert bank.dtype == np.float16 and bank.shape[1] == DIM and len(bank) > 10
+    import data as data_lib
+    from evaluation_model import query_bank
+    recs = data_lib.load_records(str(load_checkpoint(ckpt)["args"]["data"]))
+    want = query_bank(_torch_model(ckpt), _torch_model(ckpt).cfg, recs, data_lib.split_records(recs, 0.1, "train"))
+    np.testing.assert_allclose(bank.astype(np.float32), want, atol=2e-3)
     assert info == {"format_version": 1, "image_size": [64, 32], "mean": [0.485, 0.456, 0.406],
                     "std": [0.229, 0.224, 0.225], "max_seq_length": MAX_LEN, "vocab_size": VOCAB,
                     "embed_dim": EMB, "charmap_version": charmap.CHARMAP_VERSION, "feature_dim": DIM,
@@ -541,3 +551,29 @@ def test_query_vocab_travels_to_search_and_filters_queries(tmp_path, capsys):
         export_model.export(_args(ckpt, out))
     assert not (out / "query_vocab.txt").exists() and json.loads((out / "model_info.json").read_text())["query_vocab"] is None
     assert TextEncoder(str(out)).prepare(q) == q
+
+
+def test_query_bank_absent_or_refused(tmp_path, capsys, synth_data):
+    """No training data: no bank, said in one line, and search ranks by raw cosine; --query_bank 0 removes an
+    earlier export's bank; a missing --data is refused."""
+    from search.engine import TextEncoder
+    ckpt = _make_ckpt(tmp_path / "student.pt", data=synth_data)
+    out = tmp_path / "out"
+    with torch.no_grad():
+        export_model.export(_args(ckpt, out, "--query_bank", "20"))
+    info = json.loads((out / "model_info.json").read_text())
+    assert info["query_bank"]["rows"] == len(np.load(out / "query_bank.npy")) <= 60
+    assert TextEncoder(str(out)).hub["weight"] == 0.5
+    with torch.no_grad():
+        export_model.export(_args(ckpt, out, "--query_bank", "0"))
+    assert not (out / "query_bank.npy").exists() and json.loads((out / "model_info.json").read_text())["query_bank"] is None
+    assert TextEncoder(str(out)).hub is None
+    nodata = _make_ckpt(tmp_path / "nodata.pt")
+    with torch.no_grad():
+        export_model.export(_args(nodata, tmp_path / "out2"))
+    assert "query bank: none (the checkpoint names no training data" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out2" / "model_info.json").read_text())["query_bank"] is None
+    for flags, msg in ((["--query_bank", "-1"], "--query_bank must be >= 0"),
+                       (["--data", str(tmp_path / "missing.json")], "missing.json: not found")):
+        with pytest.raises(export_model.ExportFailure, match=msg):
+            export_model.export(_args(ckpt, tmp_path / "out3", *flags))
