@@ -101,7 +101,8 @@ def main(args):
         q_emb = {name: embed_texts(model, texts, cfg, args.device) for name, (texts, _, _) in sets.items()}
         res = quality.score_sets(sets, lambda name, _: q_emb[name], emb["img_emb"], emb["img_pids"], attrs)
         if args.hub_weight > 0:
-            res["hub"] = hub_corrected(args, model, cfg, path, sets, q_emb, emb, attrs)
+            res["hub"] = quality.hub_sets(model, cfg, path, sets, q_emb, emb["img_emb"], emb["img_pids"], attrs,
+                                          args.hub_weight, args.query_bank, args.device)
         if args.hubness:
             res.update(hubness(sets, q_emb, emb["img_emb"], emb["img_pids"]))
         results[path] = dict(step=step, **res)
@@ -125,39 +126,6 @@ def main(args):
     if args.json:
         quality.atomic_json(Path(args.json), dict(config=vars(args), results=results))
     return results
-
-
-def hub_corrected(args, model, cfg, path, sets, q_emb, emb, attrs):
-    """score_sets' figures with search/'s ranking: cosine - W * hub (search/hubness.py), the bank built as
-    export_model.py builds it, from the training identities of the checkpoint's data."""
-    import numpy as np
-    import data as data_lib
-    import quality
-    from checkpoint import load_checkpoint
-    from evaluation_model import query_bank
-    from search import hubness as hub_lib
-    targs = load_checkpoint(path).get("args") or {}
-    bank_json = targs.get("data")
-    if not bank_json or not os.path.isfile(str(bank_json)):
-        raise SystemExit(f"error: --hub_weight builds the query bank from {path}'s training data, and "
-                         f"{bank_json or 'its args name none'} is not there")
-    recs = data_lib.load_records(str(bank_json))
-    train_idx = data_lib.split_records(recs, float(targs.get("test_ratio", 0.1)), "train",
-                                       float(targs.get("val_ratio", 0.0) or 0.0))
-    bank = query_bank(model, cfg, recs, train_idx, args.query_bank, device=args.device)
-    img = np.asarray(emb["img_emb"], np.float32)
-    img = img / np.maximum(np.linalg.norm(img, axis=1, keepdims=True), 1e-12)
-    hub = hub_lib.hub_scores(img, bank, hub_lib.default_k(len(bank)))
-    pids = np.asarray(emb["img_pids"])
-    out = {"paraphrase_r1": {}, "attr_r1": {}}
-    for name, (_, qp, named) in sets.items():
-        q = np.asarray(q_emb[name], np.float32)
-        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-        top = (q @ img.T - args.hub_weight * hub[None]).argmax(1)  # exact: re-ranking all of a small gallery
-        onehot = np.eye(len(img), dtype=np.float32)
-        out["paraphrase_r1"][name] = 100.0 * float(np.mean(pids[top] == np.asarray(qp))) if len(qp) else None
-        out["attr_r1"][name] = quality.attr_r1(onehot[top], np.asarray(qp), named, onehot, pids, attrs)
-    return out
 
 
 def hubness(sets, q_emb, img_emb, img_pids):

@@ -75,6 +75,9 @@ def test_commands_wall_time_and_json(smoke):
             assert res[col]["attr_r1"][k] >= res[col]["paraphrase_r1"][k] - 1e-9, (col, k)
         if col != "teacher":  # the students' forms once more with every word kept; main.py stored a word list
             assert set(res[col]["unfiltered_r1"]) == forms and res[col]["query_vocab_words"] > 50
+    hub = res["student"]["hub"]  # search/'s hub-corrected ranking, student only
+    assert set(hub["paraphrase_r1"]) == names and all(0 <= v <= 100 for v in hub["attr_r1"].values())
+    assert "search, hub-corrected R@1 (%): keywords" in out
     for name in ("det", "retrieval", "learning_curve"):
         png = Path(res["student"]["plots"][name])
         assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -113,8 +116,32 @@ def test_wording_val_scores_checkpoints_side_by_side(smoke, tmp_path):
     h = json.loads((tmp_path / "h.json").read_text())["results"][str(ckpt)]
     for s in ("en", "fields", "search"):
         assert 1 <= h["distinct_top1"][s] <= 12 and 0 <= h["r1_mean_removed"][s] <= 100
+    # --hub_weight: a corrected column beside each checkpoint; --data: the dataset's held-out test ids instead
+    sys.path.insert(0, str(ROOT))
+    from checkpoint import load_checkpoint
+    data_json = str(load_checkpoint(ckpt)["args"]["data"])
+    r = subprocess.run(base + [str(ckpt), "--hub_weight", "0.5", "--data", data_json, "--query_bank", "50"],
+                       capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
+    assert r.returncode == 0 and "#1+hub" in r.stdout and "held-out test identities" in r.stdout, r.stderr[-2000:]
+    # the corrected path with weight 0 is the raw ranking, set by set (same queries, same gallery)
+    sys.path.insert(0, str(ROOT / "bench"))
+    import data as data_lib
+    import quality
+    from evaluation_model import embed_split, embed_texts
+    model, cfg, _ = quality.load_student(str(ckpt), "cpu")
+    recs = data_lib.load_records(data_json)
+    idx = data_lib.split_records(recs, 0.1, "test")
+    sets = quality.query_sets(recs, idx, 0)
+    emb = embed_split(model, recs, idx, cfg, workers=0, progress=False)
+    q_emb = {n: embed_texts(model, t, cfg, "cpu") for n, (t, _, _) in sets.items()}
+    attrs = [recs[i]["attributes"] for i in idx]
+    raw = quality.score_sets(sets, lambda n, _: q_emb[n], emb["img_emb"], emb["img_pids"], attrs)
+    zero = quality.hub_sets(model, cfg, str(ckpt), sets, q_emb, emb["img_emb"], emb["img_pids"], attrs, weight=0.0,
+                            bank_records=50)
+    assert zero["paraphrase_r1"] == pytest.approx(raw["paraphrase_r1"]) and zero["attr_r1"] == pytest.approx(raw["attr_r1"])
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    for extra in ([str(bad)], [str(ckpt), "--seed", "0"]):
+    for extra in ([str(bad)], [str(ckpt), "--seed", "0"], [str(ckpt), "--hub_weight", "-1"],
+                  [str(ckpt), "--data", str(tmp_path / "missing.json")]):
         r = subprocess.run(base + extra, capture_output=True, text=True, timeout=300, cwd=str(tmp_path))
         assert r.returncode != 0 and r.stderr.strip().startswith("error:") and len(r.stderr.strip().splitlines()) == 1
