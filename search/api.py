@@ -191,7 +191,11 @@ class Searcher:
             q = self.encoder.encode([query])
             k = candidates(top_n) if self.hub_weight else top_n
             hits = self.store.search(q, k, folder if folder is not None else self.folder, self.expr)
-            hits = rerank(hits, self.hub_weight, top_n)
+            ranked = rerank(hits, self.hub_weight, top_n)
+            if [r for _, r, _ in ranked] != [r for _, r, _ in hits[:top_n]]:  # say why scores are not in order
+                notes.append(f"ranked by score - {self.hub_weight:g} x hub (hubness correction, search/hubness.py; "
+                             "--hub_weight 0 ranks by raw cosine)")
+            hits = ranked
             results = []
             for rank, (s, r, it) in enumerate(hits, 1):
                 results.append({"rank": rank, "score": float(s), "row": r, "image": it["image"],

@@ -620,7 +620,8 @@ def test_webui_timeouts_bounded_threads_decode_and_codes(gallery, tmp_path, monk
             with urlopen(url + path, timeout=10) as r:
                 return r.status, r.read()
         except HTTPError as e:
-            return e.code, e.read()
+            with e:  # closed now: an error response left open would hold a server slot until its socket timeout
+                return e.code, e.read()
     try:
         assert status("/api/search?q=r&top_n=2")[0] == 200
         assert status("/api/search?" + "&".join(f"a{i}=1" for i in range(25)))[0] == 400
@@ -629,6 +630,7 @@ def test_webui_timeouts_bounded_threads_decode_and_codes(gallery, tmp_path, monk
         assert code == 200 and Image.open(io.BytesIO(body)).size[1] > 0
         assert status("/image?path=big.png&bbox=10,10,60,80")[0] == 413  # cannot be reduced: refused
         # idle connections: dropped after the socket timeout, and never more than max_threads at once
+        wait_for(lambda: srv._slots._value == 2)  # the requests above are all done: the idle clients get both slots
         idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
         wait_for(lambda: srv._slots._value == 0)  # both slots taken by the silent clients (a loaded CPU is slow)
         assert status("/api/search?q=r")[0] == 503

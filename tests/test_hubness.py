@@ -132,6 +132,7 @@ def test_enrolment_stores_hub_scores_and_search_reranks(env, tmp_path):
         assert [x["image"] for x in res] == [names[i] for i in order], (w, res)
         np.testing.assert_allclose([x["score"] for x in res], cos[order], atol=1e-5)  # the score stays the cosine
     assert res[0]["image"] != "red.png"  # a strong correction really reorders: red is the hub of a red bank
+    assert any("hubness correction" in n for n in json.loads(r.stdout)["queries"][0]["notes"])  # and says so
     # the export's default weight (0.5) applies without the flag
     s = Searcher(TextEncoder(str(env.hub)), f"{prefix}_features.npy", save_index=False, log=lambda m: None)
     assert s.hub_weight == 0.5 and not s.warnings
