@@ -105,6 +105,15 @@ def query_bank(model, cfg, records, indices, n=3000, seed=0, device="cpu"):
     return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
 
 
+def training_query_bank(model, cfg, data_json, train_args, n=3000, image_root=None, device="cpu"):
+    """(query_bank over the training identities of `data_json`, split as the checkpoint's run split it:
+    its test_ratio and val_ratio, n_training_records). Raises OSError / ValueError on an unusable dataset."""
+    records = data_lib.load_records(str(data_json), image_root or train_args.get("image_root"))
+    train_idx = data_lib.split_records(records, float(train_args.get("test_ratio", 0.1)), "train",
+                                       float(train_args.get("val_ratio", 0.0) or 0.0))
+    return query_bank(model, cfg, records, train_idx, n, device=device), len(train_idx)
+
+
 @torch.no_grad()
 def embed_split(model, records, indices, cfg, device="cpu", langs=("en",), batch_size=128, workers=2,
                 progress=True, images=True, filter_queries=True):

@@ -332,19 +332,15 @@ def query_bank(args, model, cfg, train_args, data_json, text_only):
         why = f"the training data {data_json} is not there" if data_json else "the checkpoint names no training data"
         print(f"query bank: none ({why}; pass --data to build one) -- search will rank by raw cosine")
         return None
-    import data as data_lib
-    from evaluation_model import query_bank as build_bank
+    from evaluation_model import training_query_bank
     try:
-        records = data_lib.load_records(data_json, args.image_root or train_args.get("image_root"))
-        train_idx = data_lib.split_records(records, float(train_args.get("test_ratio", 0.1)), "train",
-                                           float(train_args.get("val_ratio", 0.0) or 0.0))
+        bank, n_train = training_query_bank(model, cfg, data_json, train_args, args.query_bank, args.image_root)
     except (OSError, ValueError) as e:
         raise ExportFailure(f"--data {data_json}: {_first_line(e)}", 2) from None
-    bank = build_bank(model, cfg, records, train_idx, args.query_bank)
     if len(bank) == 0:
         print(f"query bank: none ({data_json} has no training captions)")
         return None
-    print(f"query bank: {len(bank)} texts of {min(args.query_bank, len(train_idx))} training records of {data_json}")
+    print(f"query bank: {len(bank)} texts of {min(args.query_bank, n_train)} training records of {data_json}")
     return bank
 
 

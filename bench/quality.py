@@ -324,14 +324,18 @@ def attr_r1(query_emb, query_pids, named, gallery_emb, gallery_pids, gallery_att
     names (gender by kind, the other fields by value). For queries that name everything it is the identity R@1
     plus the images of look-alike identities; for a fragment it is the only fair question."""
     import numpy as np
-    import captions
     if len(query_pids) == 0:
         return None
     q = np.asarray(query_emb, np.float32)
     g = np.asarray(gallery_emb, np.float32)
     q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
     g = g / np.maximum(np.linalg.norm(g, axis=1, keepdims=True), 1e-12)
-    top = np.argmax(q @ g.T, axis=1)
+    return attr_hits_r1(np.argmax(q @ g.T, axis=1), query_pids, named, gallery_pids, gallery_attrs)
+
+
+def attr_hits_r1(top, query_pids, named, gallery_pids, gallery_attrs):
+    """attr_r1 of given top gallery indices (one per query)."""
+    import captions
     parsed = [captions.parse_attributes(a) for a in gallery_attrs]
     by_pid = {int(p): parsed[i] for i, p in enumerate(gallery_pids)}
     hits = 0
@@ -361,24 +365,19 @@ def hub_sets(model, cfg, ckpt_path, sets, q_emb, img_emb, img_pids, gallery_attr
     """score_sets' figures with search/'s ranking, cosine - weight * hub (search/hubness.py), the query bank built
     as export_model.py builds it: from the training identities of the checkpoint's own --data."""
     import numpy as np
-    import data as data_lib
     from checkpoint import load_checkpoint
-    from evaluation_model import query_bank
+    from evaluation_model import training_query_bank
     from search import hubness as hub_lib
     targs = load_checkpoint(ckpt_path).get("args") or {}
     bank_json = targs.get("data")
     if not bank_json or not os.path.isfile(str(bank_json)):
         raise SystemExit(f"error: the hubness correction builds its query bank from {ckpt_path}'s training data, "
                          f"and {bank_json or 'its args name none'} is not there")
-    recs = data_lib.load_records(str(bank_json))
-    train_idx = data_lib.split_records(recs, float(targs.get("test_ratio", TEST_RATIO)), "train",
-                                       float(targs.get("val_ratio", 0.0) or 0.0))
-    bank = query_bank(model, cfg, recs, train_idx, bank_records, device=device)
+    bank, _ = training_query_bank(model, cfg, bank_json, targs, bank_records, device=device)
     img = np.asarray(img_emb, np.float32)
     img = img / np.maximum(np.linalg.norm(img, axis=1, keepdims=True), 1e-12)
     hub = hub_lib.hub_scores(img, bank, hub_lib.default_k(len(bank)))
     pids = np.asarray(img_pids)
-    onehot = np.eye(len(img), dtype=np.float32)
     out = {"paraphrase_r1": {}, "attr_r1": {}}
     for name, (_, qp, named) in sets.items():
         if not len(qp):
@@ -388,7 +387,7 @@ def hub_sets(model, cfg, ckpt_path, sets, q_emb, img_emb, img_pids, gallery_attr
         q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
         top = (q @ img.T - weight * hub[None]).argmax(1)  # exact: the whole (small) gallery re-ranked
         out["paraphrase_r1"][name] = 100.0 * float(np.mean(pids[top] == np.asarray(qp)))
-        out["attr_r1"][name] = attr_r1(onehot[top], np.asarray(qp), named, onehot, pids, gallery_attrs)
+        out["attr_r1"][name] = attr_hits_r1(top, qp, named, pids, gallery_attrs)
     return out
 
 

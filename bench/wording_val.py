@@ -80,7 +80,7 @@ def main(args):
     from evaluation_model import embed_split, embed_texts
     if args.data:
         records = data_lib.load_records(args.data)
-        idx = data_lib.split_records(records, 0.1, "test")
+        idx = data_lib.split_records(records, quality.TEST_RATIO, "test")
         sets = quality.query_sets(records, idx, 0)
         where = f"the held-out test identities of {args.data} ({len(idx)} images)"
     else:
