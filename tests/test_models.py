@@ -182,6 +182,40 @@ def test_text_padding_invariance(name, pool):
         assert not torch.allclose(enc.forward_embedded(junk, torch.ones_like(mask, dtype=torch.float)), ref)
 
 
+@pytest.mark.parametrize("pool", ["mean", "attn"])
+@pytest.mark.parametrize("name", list_text_backbones())
+def test_text_length_groups_equal_the_full_length_forward(name, pool):
+    """forward() encodes rows in length groups cut to their longest text; values and gradients must equal one
+    full-length pass (forward_embedded), rows in their original order, for a batch of several groups."""
+    import text_encoder
+    torch.manual_seed(0)
+    enc = _text_enc(name, pool, out_dim=24, max_seq_length=96)
+    B = 3 * text_encoder.LENGTH_GROUP + 5
+    lengths = torch.randint(1, 97, (B,))
+    # a full-length row and an empty one (mean pool only: attention pooling of a text with no token averages
+    # its padding, which has no length-independent meaning)
+    lengths[3], lengths[7] = 96, (0 if pool == "mean" else 1)
+    ids = torch.randint(1, 8192, (B, 96))
+    mask = torch.arange(96)[None, :] < lengths[:, None]
+    ids = ids * mask  # pad id 0
+    y = enc(ids, mask)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    grads = {k: p.grad.clone() for k, p in enc.named_parameters() if p.grad is not None}
+    enc.zero_grad()
+    ref = enc.forward_embedded(enc.input_embeddings(ids), mask.float())
+    (ref * g).sum().backward()
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+    for k, p in enc.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[k], p.grad, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+    # rows really are kept apart: swapping two rows' texts swaps (only) their outputs
+    perm = torch.arange(B)
+    perm[[3, 10]] = perm[[10, 3]]
+    with torch.no_grad():
+        torch.testing.assert_close(enc(ids[perm], mask[perm]), ref.detach()[perm], rtol=1e-5, atol=1e-6)
+
+
 def test_text_too_long_is_refused():
     enc = create_text_encoder("char_tiny", out_dim=8, max_seq_length=16)
     with pytest.raises(ValueError, match="max_seq_length"):
