@@ -1,13 +1,15 @@
 """Where a training step's time goes: data, image/text forward, each loss term, backward, optimizer -- one run.
 
-    python bench/train_profile.py --data logs/quality/data-1000ids-s0/synthpedes-dataset.json \
-        --embedding_path logs/quality/emb-1000ids-s0                      # bench/quality.py's RECIPE
+    python bench/train_profile.py --data logs/quality/data-1000ids+4000train-s0/synthpedes-dataset.json \
+        --embedding_path logs/quality/emb-1000ids+4000train-s0                     # bench/quality.py's RECIPE
     python bench/train_profile.py --data ... --embedding_path ... -- --image_size 224x112   # + main.py flags
 
 Builds the student exactly as main.py does (RECIPE of bench/quality.py, then any main.py flags after `--`),
 times `--steps` steps on one fixed batch after `--warmup` steps, and prints a table of milliseconds per step and
 shares, side by side, in one run (the machine is noisy: compare the shares, not the absolute numbers of two runs).
-Loss terms are timed one at a time (forward + backward of that term alone, on the step's embeddings).
+Loss terms are timed one at a time (forward + backward of that term alone, on the step's embeddings). Last, the
+text tower alone (forward + backward) as training runs it -- rows in length groups, each cut to its longest text
+(text_encoder.CharTextEncoder.forward) -- against one full-length pass of the same batch, interleaved, as a ratio.
 """
 import argparse
 import os
@@ -110,6 +112,24 @@ def main(args, extra):
                 out[name].backward()
             _, tv = clock(one)
             per_term[name] = per_term.get(name, 0.0) + tv / args.steps
+    # the text tower's length groups (text_encoder.CharTextEncoder.forward) against one full-length pass of the
+    # same batch, interleaved so a neighbour's load hits both sides of the ratio
+    enc = model.text_encoder if getattr(model, "text_encoder", None) is not None else None
+    text_ab = {}
+    if enc is not None:
+        ids, mask = batch["text_ids"], batch["text_mask"]
+        ways = {"length groups (forward)": lambda: enc(ids, mask),
+                "one full-length pass (forward_embedded)":
+                    lambda: enc.forward_embedded(enc.input_embeddings(ids), mask.float())}
+        for _ in range(args.steps):
+            for k, fn in ways.items():
+                def fwd_bwd(fn=fn):
+                    with torch.autocast("cpu", dtype=txt_dt, enabled=txt_dt is not None):
+                        y = fn()
+                    y.float().square().sum().backward()
+                _, tv = clock(fwd_bwd)
+                text_ab[k] = text_ab.get(k, 0.0) + tv / args.steps
+        opt.zero_grad(set_to_none=True)
     n = args.steps
     step_s = sum(acc.values()) / n
     print(f"batch {bs}, image {tuple(cfg['image_size'])}, {targs.backbone} + {targs.text_backbone}, "
@@ -125,7 +145,15 @@ def main(args, extra):
           "batch similarity matrices once for several terms, so these overlap):")
     for k, v in per_term.items():
         print(f"  {k:42s}{1000 * v:10.1f}")
-    return acc, per_term
+    if text_ab:
+        lengths = batch["text_mask"].sum(1).float()
+        print(f"text tower alone, forward + backward (texts: mean {lengths.mean():.0f}, longest {lengths.max():.0f} "
+              f"of {batch['text_mask'].shape[1]} characters):")
+        for k, v in text_ab.items():
+            print(f"  {k:42s}{1000 * v:10.1f}")
+        a, b = text_ab.values()
+        print(f"  {'full-length / length groups':42s}{b / a:9.2f}x")
+    return acc, per_term, text_ab
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """bench/speed.py end to end in its --smoke configuration (tiny SigLIP configs, tiny student, galleries of 1k/5k,
-batch 8; ~10 s), plus its one-line errors. Structure only: timings are never asserted.
+batch 8; ~10 s), plus its one-line errors, and bench/train_profile.py on tiny data. Structure only: timings are
+never asserted.
 
     python3 -m pytest -q tests/test_bench.py
 """
@@ -126,3 +127,20 @@ def test_bad_input_is_one_line(argv, needle):
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_train_profile_runs_and_compares_text_passes(synth_data, tmp_path):
+    """bench/train_profile.py on tiny data: every part timed, and the text tower's length groups timed beside
+    one full-length pass (the README's ratio); times are not asserted, only that both were measured."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import train_profile
+    from train_fixtures import make_fake_cache
+    emb = make_fake_cache(synth_data, tmp_path / "emb", dim=32)
+    args = train_profile.get_args_parser().parse_args(["--data", synth_data, "--embedding_path", str(emb),
+                                                       "--steps", "1", "--warmup", "0"])
+    acc, per_term, text_ab = train_profile.main(args, ["--batch_size", "8", "--image_size", "64x32",
+                                                       "--feature_dim", "32", "--vocab_size", "1024",
+                                                       "--embed_dim", "64", "--workers", "0"])
+    assert {"forward: image tower", "forward: text tower", "backward (both towers + losses)"} <= set(acc)
+    assert "dist_rel" in per_term and all(v > 0 for v in per_term.values())
+    assert len(text_ab) == 2 and all(v > 0 for v in text_ab.values())
