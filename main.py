@@ -338,7 +338,7 @@ class Distiller(nn.Module):
             with torch.autocast(device_type=dev, dtype=self.image_dtype, enabled=self.image_dtype is not None):
                 s_img = self.model.encode_image(x)
         with torch.autocast(device_type=dev, dtype=self.text_dtype, enabled=self.text_dtype is not None):
-            s_cap = encode_text_bucketed(self.model, batch["text_ids"], batch["text_mask"])
+            s_cap = self.model.encode_text(batch["text_ids"], batch["text_mask"])  # length groups: text_encoder
         attr = None
         if "attr_img_target" in batch:
             attr = {k: batch[f"attr_{k}"] for k in ("img_target", "img_weight", "cap_target", "cap_weight")}
@@ -361,35 +361,8 @@ def plain_consistency(model, s_cap, batch):
     if idx.numel() == 0:
         return s_cap.sum() * 0.0  # keeps the graph (DDP: every rank's parameters get a gradient)
     with torch.no_grad():
-        target = encode_text_bucketed(model, batch["plain_ids"][idx], batch["plain_mask"][idx])
+        target = model.encode_text(batch["plain_ids"][idx], batch["plain_mask"][idx])
     return (1 - F.cosine_similarity(s_cap[idx].float(), target.float(), dim=1)).mean()
-
-
-def trim_padding(ids, mask, multiple=32):
-    """Cut the batch's trailing all-pad columns (rounded up to `multiple`, so --compile sees a few shapes only).
-    The text tower masks pads out of attention and of its mean pooling, so the embeddings are unchanged, and a
-    batch of 90-character captions no longer pays for --max_seq_length columns."""
-    longest = int(mask.sum(dim=1).max())
-    keep = min(ids.shape[1], max(multiple, -(-longest // multiple) * multiple))
-    return ids[:, :keep], mask[:, :keep]
-
-
-def encode_text_bucketed(model, ids, mask, short=96):
-    """encode_text over two length buckets: texts up to `short` characters at that width, the rest trimmed to the
-    longest. A batch of 64 almost always holds one long text, and one padded width would make every median
-    (88-character) caption pay for --max_seq_length columns; two buckets keep the text tower's cost near that of
-    the median length whatever the cap. Pads are masked out of attention and of the mean pooling, so each row's
-    embedding does not depend on its bucket."""
-    lens = mask.sum(dim=1)
-    is_short = lens <= short
-    n_short = int(is_short.sum())
-    if ids.shape[1] <= short or n_short in (0, ids.shape[0]):
-        return model.encode_text(*trim_padding(ids, mask))
-    idx_s, idx_l = is_short.nonzero().squeeze(1), (~is_short).nonzero().squeeze(1)
-    e_s = model.encode_text(ids[idx_s, :short], mask[idx_s, :short])
-    e_l = model.encode_text(*trim_padding(ids[idx_l], mask[idx_l]))
-    order = torch.argsort(torch.cat([idx_s, idx_l]))
-    return torch.cat([e_s, e_l])[order]
 
 
 def lr_lambda_factory(args):

@@ -132,7 +132,7 @@ class CharTextEncoder(nn.Module):
         padding's attention rows, MLPs and their backward were most of the tower's time (CPU, batch 64, 192
         characters: forward + backward 340 -> 100 ms, bench/train_profile.py). Exact, not an approximation:
         pads get no attention weight and no pooling weight, so a row's output does not depend on how much
-        padding follows it (tests/test_text_encoder.py compares against the full-length forward).
+        padding follows it (tests/test_models.py compares values and gradients with the full-length forward).
         The traced export path is forward_embedded, which keeps the caller's length."""
         if ids.shape[1] > self.max_seq_length:
             raise ValueError(f"text length {ids.shape[1]} > max_seq_length {self.max_seq_length}")
@@ -149,8 +149,6 @@ class CharTextEncoder(nn.Module):
         for rows, n in zip(order.split(group), ends):
             n = min(ids.shape[1], max(8, -(-int(n) // 8) * 8))  # a few distinct shapes (--compile), >= 1 token
             outs.append(self.forward_embedded(self.input_embeddings(ids[rows, :n]), mask[rows, :n]))
-        if len(outs) == 1:
-            return outs[0].index_select(0, torch.argsort(order))
         return torch.cat(outs).index_select(0, torch.argsort(order))
 
     def forward_embedded(self, x, mask):

@@ -114,7 +114,7 @@ def main(args, extra):
             per_term[name] = per_term.get(name, 0.0) + tv / args.steps
     # the text tower's length groups (text_encoder.CharTextEncoder.forward) against one full-length pass of the
     # same batch, interleaved so a neighbour's load hits both sides of the ratio
-    enc = model.text_encoder if getattr(model, "text_encoder", None) is not None else None
+    enc = getattr(model, "text_encoder", None)
     text_ab = {}
     if enc is not None:
         ids, mask = batch["text_ids"], batch["text_mask"]

@@ -215,36 +215,25 @@ def test_sampler_equals_reference(k):
         assert all(type(i) is int for i in got[:5])
 
 
-def test_text_buckets_give_the_same_embeddings_and_gradients():
-    """Training encodes short and long captions in two width buckets (main.encode_text_bucketed); every row's
-    embedding and every gradient must equal those of one full-width pass, in the batch's order."""
+def test_training_text_path_gives_the_full_length_embeddings_and_gradients():
+    """Training encodes captions through the text tower's length groups (model.encode_text ->
+    CharTextEncoder.forward); on real encoded captions, short, long and empty, every row's embedding and every
+    gradient must equal those of one full-width pass, in the batch's order."""
     sys.path.insert(0, str(ROOT))
-    import main
     import text_encoder
     from search.charmap import encode_batch
     torch.manual_seed(0)
     enc = text_encoder.create_text_encoder("char_tiny", 16, max_seq_length=192, vocab_size=1024, embed_dim=32)
-
-    class Towers(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.enc = enc
-
-        def encode_text(self, ids, mask):
-            return self.enc(ids, mask)
-
-    texts = ["a woman in a red coat " * k for k in (1, 8, 3, 6, 2, 0, 5)]  # 0 -> "" (CLS only)
+    texts = ["a woman in a red coat " * k for k in (1, 8, 3, 6, 2, 0, 5)] * 3  # 0 -> "" (CLS only)
     ids, mask = (torch.from_numpy(x) for x in encode_batch(texts, 192, 1024))
-    assert (mask.sum(1) > 96).any() and (mask.sum(1) <= 96).any()  # both buckets are used
-    full = enc(ids, mask)
+    assert (mask.sum(1) > 96).any() and (mask.sum(1) <= 96).any() and len(texts) > text_encoder.LENGTH_GROUP
+    full = enc.forward_embedded(enc.input_embeddings(ids), mask.float())
     g_full = torch.autograd.grad(full.square().sum(), list(enc.parameters()), allow_unused=True)
-    bucketed = main.encode_text_bucketed(Towers(), ids, mask)
-    g_b = torch.autograd.grad(bucketed.square().sum(), list(enc.parameters()), allow_unused=True)
-    assert torch.allclose(full, bucketed, atol=1e-5)
+    grouped = enc(ids, mask)
+    g_b = torch.autograd.grad(grouped.square().sum(), list(enc.parameters()), allow_unused=True)
+    assert torch.allclose(full, grouped, atol=1e-5)
     for a, b in zip(g_full, g_b):
         assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-4))
-    short_ids, short_mask = main.trim_padding(ids[:1], mask[:1])
-    assert short_ids.shape[1] == 32 and short_mask[:, 23:].sum() == 0  # trimmed to a multiple of 32
 
 
 class _FakeTextTeacher:
